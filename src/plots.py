@@ -1,0 +1,84 @@
+"""Figures: training curves and block heat-maps (matplotlib, Agg backend, imported lazily).
+
+Plotting never alters the arrays it is given (the first implementation row-normalised the Hessian matrix in place
+before it was logged).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no display; set here, not at import of this module
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> list[Path]:
+    """Loss and accuracy (train and test) against rounds and against wall time; writes ``path`` (.pdf and .png)."""
+    plt = _pyplot()
+    metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+    for row, metric in enumerate(metrics):
+        for col, xkey in enumerate(("round", "wall_time")):
+            ax = axes[row][col]
+            xs = [h[xkey] for h in history]
+            ax.plot(xs, [h[metric] for h in history], label=f"train {metric}")
+            ax.plot(xs, [h[f"test_{metric}"] for h in history], label=f"test {metric}")
+            ax.set_xlabel("round" if xkey == "round" else "wall time (s)")
+            ax.set_ylabel(metric)
+            if metric == "loss" and all(h[metric] > 0 for h in history):
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str] | None = None,
+            colorbar_label: str = "", log_scale: bool = False) -> list[Path]:
+    """A labelled B×B heat-map with a colour bar, written as PDF and PNG. The input is copied, never modified."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    values = np.array(matrix, dtype=float, copy=True)
+    n = values.shape[0]
+    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+    positive = values[np.isfinite(values) & (values > 0)]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if log_scale and positive.size and \
+        positive.min() < positive.max() else None
+    shown = np.where(values > 0, values, np.nan) if norm is not None else values
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * max(n, 6), 0.6 + 0.5 * max(n, 6)))
+    image = ax.imshow(shown, cmap="viridis", norm=norm)
+    ax.set_xticks(range(n), labels, rotation=90 if n > 8 else 0)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("block j")
+    ax.set_ylabel("block i")
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(values[i, j]):
+                    ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> list[Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in (".pdf", ".png"):
+        target = path.with_suffix(suffix)
+        fig.savefig(target, dpi=120)
+        written.append(target)
+    plt.close(fig)
+    return written
