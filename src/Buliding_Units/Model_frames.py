@@ -1,0 +1,251 @@
+"""Frames: the runtime containers that the engines train.
+
+A ``Frame`` owns the hyper-parameters ``H``, the device, the ``center_model``, the data and its seeded batch
+sequence, the criterion, the optimiser(s), the reporter and the plugins. Behaviour lives in the engines
+(``src/Optimizer_Engines``) and the plugins; the frame classes only differ in what they hold:
+
+* ``Disributed_frame`` adds ``distributed_models`` (one full model copy per block, each with an optimiser over that
+  block only, kept for the whole run) and the communication stage (gather, optional damping, delay, scatter).
+* ``ImageClassifier_frame_*`` use cross-entropy and report accuracy; ``Regression_frame_*`` use MSE in every mode.
+
+``generate_ModelFrame(H)`` picks the model and the frame from tables.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from src.utils import PROJECT_ROOT, ConfigError
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, H: torch.optim.Adam(params, lr=H["step_size"]),
+    "sgd": lambda params, H: torch.optim.SGD(params, lr=H["step_size"], momentum=H.get("momentum", 0.9)),
+}
+
+
+@dataclass
+class Paths:
+    """Where a run writes: reports, figures and measurement logs (all under one root)."""
+
+    root: Path = PROJECT_ROOT
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def measurements(self) -> Path:
+        return self.root / "measurements"
+
+
+def select_device(cuda_core: int) -> torch.device:
+    """``cuda:<cuda_core>`` when that GPU exists, the CPU for -1; a missing GPU falls back to the CPU with a warning."""
+    if cuda_core < 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available() and cuda_core < torch.cuda.device_count():
+        return torch.device(f"cuda:{cuda_core}")
+    warnings.warn(f"cuda_core={cuda_core} asked for a GPU but none is available "
+                  f"({torch.cuda.device_count()} visible); running on the CPU", stacklevel=2)
+    return torch.device("cpu")
+
+
+def make_optimizer(params: Iterable[nn.Parameter], H: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimiser named by ``H['optimizer']`` over ``params`` with learning rate ``H['step_size']``."""
+    return OPTIMIZERS[H["optimizer"]](list(params), H)
+
+
+@dataclass(eq=False)
+class Frame:
+    """Runtime container of one run: model, data, criterion, optimiser, reporter and plugins.
+
+    Attributes set by the engines while training: ``round`` (completed rounds), ``steps`` (gradient steps,
+    one per block per local step), ``samples`` (training samples consumed), ``history`` (one metrics dict per
+    progress check), ``timers`` (seconds of compute, communication, logging, measurement), ``stop_reason``.
+    """
+
+    H: dict[str, Any]
+    device: torch.device
+    center_model: nn.Module
+    data: Any  # src.Data.TaskData
+    criterion: nn.Module
+    task: str = "classification"
+    reporter: Any = None
+    measure_units: list = field(default_factory=list)
+    stopper_units: list = field(default_factory=list)
+    paths: Paths = field(default_factory=Paths)
+    optimizer: torch.optim.Optimizer | None = None
+    round: int = 0
+    steps: int = 0
+    samples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("compute", "communication", "logging", "measurement"), 0.0))
+    stop_reason: str | None = None
+    start_time: float = field(default_factory=time.perf_counter)
+    bytes_sent: int = 0
+
+    def __post_init__(self) -> None:
+        self.train_batches = self.data.batches(self.H["batch_size"], self.H["seed"])
+
+    @property
+    def run_id(self) -> str:
+        from src.utils import run_id
+        return self.reporter.run_id if self.reporter is not None else run_id(self.H)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.center_model.blocks)
+
+    def log(self, message: str) -> None:
+        """Write to the report when there is one."""
+        if self.reporter is not None:
+            self.reporter.log(message)
+
+
+class ImageClassifier_frame_entire(Frame):
+    """Whole-model training of a classifier (cross-entropy, accuracy reported)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.center_model.parameters(), self.H)
+
+
+class Regression_frame_entire(ImageClassifier_frame_entire):
+    """Whole-model training of a regressor (MSE in every mode; no accuracy)."""
+
+
+def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
+    return list(block.parameters()) + list(block.buffers())
+
+
+class Disributed_frame(Frame):
+    """A frame with one model copy per block (``distributed_models[b]``) and the communication stage.
+
+    Each copy optimises its own block only (the other blocks' parameters do not require grad in that copy);
+    its optimiser lives for the whole run. ``owned_blocks`` restricts the copies to a subset (one worker of the
+    multi-process engine owns only its blocks).
+    """
+
+    def __init__(self, *args: Any, owned_blocks: Iterable[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        owned = range(self.n_blocks) if owned_blocks is None else sorted(owned_blocks)
+        self.distributed_models: dict[int, nn.Module] = {}
+        self.block_optimizers: dict[int, torch.optim.Optimizer] = {}
+        for b in owned:
+            replica = copy.deepcopy(self.center_model)
+            for i, block in enumerate(replica.blocks):
+                block.requires_grad_(i == b)
+            self.distributed_models[b] = replica
+            self.block_optimizers[b] = make_optimizer(replica.blocks[b].parameters(), self.H)
+
+    def deviation(self, blocks: Iterable[int]) -> float:
+        """L2 distance between each copy's own block and the centre's, over ``blocks`` (before the gather)."""
+        total = 0.0
+        with torch.no_grad():
+            for b in blocks:
+                for mine, centre in zip(self.distributed_models[b].blocks[b].parameters(),
+                                        self.center_model.blocks[b].parameters()):
+                    total += (mine - centre).double().pow(2).sum().item()
+        return math.sqrt(total)
+
+    def gather_block(self, b: int, source: nn.Module | None = None) -> None:
+        """centre_b <- centre_b + gamma * (source_b - centre_b); gamma = 1 is a plain copy. Integer buffers are copied."""
+        gamma = self.H.get("gamma", 1.0)
+        source = self.distributed_models[b].blocks[b] if source is None else source
+        with torch.no_grad():
+            for dst, src in zip(_block_tensors(self.center_model.blocks[b]), _block_tensors(source)):
+                if gamma == 1.0 or not dst.is_floating_point():
+                    dst.copy_(src)
+                else:
+                    dst.add_(src - dst, alpha=gamma)
+
+    def scatter(self, blocks: Iterable[int] | None = None, to: Iterable[int] | None = None) -> None:
+        """Copy the centre's ``blocks`` (default: all) into the copies ``to`` (default: every owned copy)."""
+        blocks = range(self.n_blocks) if blocks is None else list(blocks)
+        targets = self.distributed_models.keys() if to is None else to
+        with torch.no_grad():
+            for c in targets:
+                for b in blocks:
+                    for dst, src in zip(_block_tensors(self.distributed_models[c].blocks[b]),
+                                        _block_tensors(self.center_model.blocks[b])):
+                        dst.copy_(src)
+
+    def communicate(self, blocks: Iterable[int]) -> float:
+        """The communication stage: deviation, gather ``blocks`` into the centre, delay, scatter. Returns deviation."""
+        blocks = list(blocks)
+        dev = self.deviation(blocks)
+        for b in blocks:
+            self.gather_block(b)
+        if self.H.get("communication_delay", 0):
+            time.sleep(self.H["communication_delay"])
+        self.scatter(blocks)
+        return dev
+
+
+class ImageClassifier_frame_blockwise(Disributed_frame):
+    """Block-wise training of a classifier (cross-entropy, accuracy reported)."""
+
+
+class Regression_frame_blockwis(Disributed_frame):
+    """Block-wise training of a regressor (MSE in every mode; no accuracy)."""
+
+
+# (task, blockwise?) -> (frame class, criterion factory)
+FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
+    ("classification", False): (ImageClassifier_frame_entire, nn.CrossEntropyLoss),
+    ("classification", True): (ImageClassifier_frame_blockwise, nn.CrossEntropyLoss),
+    ("regression", False): (Regression_frame_entire, nn.MSELoss),
+    ("regression", True): (Regression_frame_blockwis, nn.MSELoss),
+}
+BLOCKWISE_MODES = ("blockwise", "blockwise_sequential")
+
+
+def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = None, reporter: Any = None,
+                        units: Iterable[Any] = (), owned_blocks: Iterable[int] | None = None,
+                        paths: Paths | None = None) -> Frame:
+    """Build data, model, criterion and the right frame for ``H``.
+
+    The centre model is created right after ``set_seed(H['seed'])``, so every process building the same H gets
+    the same initial weights.
+
+    Raises:
+        ConfigError: the dataset cannot be loaded or the config does not fit the model.
+    """
+    from src.Architectures.Models import build_model
+    from src.Buliding_Units.StopperUnit import StopperUnit
+    from src.Data import load_data
+    from src.utils import set_seed
+
+    H = dict(H)
+    device = device if device is not None else select_device(H["cuda_core"])
+    try:
+        data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"])
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    set_seed(H["seed"])
+    try:
+        model = build_model(H["model"], H["config"], data.input_shape, data.output_dim, beta=H["beta"],
+                            voting_method=H["voting_method"]).to(device)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--config {H['config']!r} does not fit --model {H['model']}: {err}") from err
+    units = list(units)
+    frame_cls, criterion = FRAMES[(data.task, H["training_mode"] in BLOCKWISE_MODES)]
+    kwargs = dict(H=H, device=device, center_model=model, data=data, criterion=criterion(), task=data.task,
+                  reporter=reporter, measure_units=[u for u in units if not isinstance(u, StopperUnit)],
+                  stopper_units=[u for u in units if isinstance(u, StopperUnit)], paths=paths or Paths())
+    if issubclass(frame_cls, Disributed_frame):
+        return frame_cls(owned_blocks=owned_blocks, **kwargs)
+    return frame_cls(**kwargs)
