@@ -107,7 +107,7 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, default in defaults.items():
         parser.add_argument(f"--{key}", dest=key, default=default, type=_converter(key, default),
-                            metavar=_type_name(default).split(" ")[0].upper(),
+                            metavar="VALUE" if default is None else _type_name(default).split(" ")[0].upper(),
                             help=help_texts.get(key, " "))
     return vars(parser.parse_args(argv))
 

@@ -1,0 +1,140 @@
+"""Engine benchmarks (run by hand: ``python bench/bench_engines.py``); prints markdown tables with machine and date.
+
+(a) ``train_entire`` steps per second against a bare PyTorch loop on the same model, data and optimiser.
+(b) a block-local step (frozen other blocks, gradients for one block) against a naive step (full backward, then
+    an optimiser over that block only), per block of the default CNN.
+(c) where one round of the default block-wise run spends its time: compute, communication, logging, measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    import torch
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {date.today().isoformat()}")
+
+
+def bench_entire(steps: int, repeats: int) -> list[str]:
+    import torch
+
+    import dol1
+    from src.Buliding_Units.Model_frames import generate_ModelFrame
+    from src.Optimizer_Engines.BCD_engine import train_entire
+
+    H = dol1.resolve_config(["--training_mode", "entire", "--rounds", str(steps), "--report_sampling_rate", "0",
+                             "--measurement_sampling_rate", "0", "--cuda_core", "-1"])
+    ours, bare = [], []
+    for _ in range(repeats + 1):  # the first repeat warms up (allocator, kernels) and is dropped
+        frame = generate_ModelFrame(H)
+        t0 = time.perf_counter()
+        train_entire(frame)
+        ours.append(time.perf_counter() - t0 - frame.timers["logging"])  # the two evaluations are not steps
+
+        frame = generate_ModelFrame(H)
+        model, stream, criterion = frame.center_model, frame.train_batches, frame.criterion
+        optimizer = torch.optim.Adam(model.parameters(), lr=H["step_size"])
+        model.train()
+        t0 = time.perf_counter()
+        for t in range(steps):
+            x, y = stream[t]
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            optimizer.step()
+        bare.append(time.perf_counter() - t0)
+    ours, bare = ours[1:], bare[1:]
+    o, b = steps / statistics.median(ours), steps / statistics.median(bare)
+    return ["| engine | steps/s | ratio to bare loop |", "|---|---|---|",
+            f"| bare PyTorch loop | {b:.1f} | 1.00 |", f"| train_entire | {o:.1f} | {o / b:.2f} |"]
+
+
+def bench_block_step(steps: int) -> list[str]:
+    import torch
+
+    import dol1
+    from src.Buliding_Units.Model_frames import generate_ModelFrame, make_optimizer
+    from src.Optimizer_Engines.BCD_engine import local_steps
+
+    H = dol1.resolve_config(["--model", "cnn", "--cuda_core", "-1"])
+    frame = generate_ModelFrame(H)
+    batches = [frame.train_batches[t] for t in range(steps)]
+    rows = ["| block | naive full-backward step (ms) | block-local step (ms) | speed-up |", "|---|---|---|---|"]
+    ratios = []
+    for b in range(frame.n_blocks):
+        local_model, local_opt = frame.distributed_models[b], frame.block_optimizers[b]
+        naive_model = copy.deepcopy(frame.center_model)
+        naive_opt = make_optimizer(naive_model.blocks[b].parameters(), H)
+
+        def naive(model=naive_model, opt=naive_opt):
+            for x, y in batches:
+                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                frame.criterion(model(x), y).backward()  # gradients for every block, used for one
+                opt.step()
+
+        def local(model=local_model, opt=local_opt):
+            local_steps(model, opt, frame.criterion, batches)
+
+        timings = {}
+        for name, fn in (("naive", naive), ("local", local)):
+            fn()  # warm-up
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                runs.append((time.perf_counter() - t0) / steps * 1e3)
+            timings[name] = min(runs)
+        ratios.append(timings["naive"] / timings["local"])
+        rows.append(f"| {b} | {timings['naive']:.2f} | {timings['local']:.2f} | {ratios[-1]:.2f} |")
+    rows.append(f"| mean | | | {statistics.mean(ratios):.2f} |")
+    del torch
+    return rows
+
+
+def bench_round(rounds: int) -> list[str]:
+    import tempfile
+
+    import dol1
+
+    with tempfile.TemporaryDirectory() as out:
+        frame = dol1.main(["--rounds", str(rounds), "--output_root", out, "--cuda_core", "-1",
+                           "--measurement_sampling_rate", str(max(1, rounds // 2))])
+    timers, total = frame.timers, frame.history[-1]["wall_time"]
+    rows = [f"Default run ({frame.H['model']} {frame.H['config']}, {frame.n_blocks} blocks, K = {frame.H['K']}, "
+            f"{rounds} rounds, units: {[type(u).__name__ for u in frame.measure_units]}, measured twice):", "",
+            "| part | seconds per round | share |", "|---|---|---|"]
+    for part in ("compute", "communication", "logging", "measurement"):
+        rows.append(f"| {part} | {timers[part] / rounds:.4f} | {timers[part] / total:.1%} |")
+    rows.append(f"| wall time | {total / rounds:.4f} | 100% |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimiser steps per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of the default run in (c)")
+    args = parser.parse_args(argv)
+    print(f"Machine: {machine()}\n")
+    print("(a) train_entire against a bare loop (default model and data, Adam)\n")
+    print("\n".join(bench_entire(args.steps, args.repeats)) + "\n")
+    print("(b) block-local step against a naive full-backward step (cnn, default config)\n")
+    print("\n".join(bench_block_step(max(5, args.steps // 4))) + "\n")
+    print("(c) one round of the default block-wise run\n")
+    print("\n".join(bench_round(args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
