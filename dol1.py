@@ -176,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         paths = Paths(Path(H["output_root"]).resolve() if H["output_root"] else PROJECT_ROOT)
         units = parse_measurement_units(H["units_file"] or PROJECT_ROOT / "measurements" / "Units.txt")
         frame = generate_ModelFrame(H, units=stoppers(H) + units, paths=paths)
+        for unit in frame.measure_units:
+            try:
+                unit.prepare(frame)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
     except ConfigError as err:
         print(f"dol1.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,13 +8,17 @@ share or overwrite a file. A unit's constructor takes keyword arguments only; ``
 """
 from __future__ import annotations
 
+import copy
 import json
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from src.Buliding_Units import hessian
 
 
 class MeasurementUnit(ABC):
@@ -32,6 +36,9 @@ class MeasurementUnit(ABC):
     @abstractmethod
     def measure(self, frame: Any) -> dict[str, Any]:
         """Compute the measurement on ``frame`` (must not change the model) and return a JSON-able dict."""
+
+    def prepare(self, frame: Any) -> None:
+        """Check, before training starts, that the unit can measure this frame; raise ValueError if not."""
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, for the report."""
@@ -97,3 +104,133 @@ class Working_memory_usage(MeasurementUnit):
         if frame.device.type == "cuda":
             record["cuda_peak_allocated_MB"] = torch.cuda.max_memory_allocated(frame.device) / mb
         return record
+
+
+MEASUREMENT_MODES = ("eval", "train")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _HessianUnit(MeasurementUnit):
+    """Shared plumbing of the Hessian units: one fixed batch, an explicit mode, a private copy of the model.
+
+    The measurement runs on a deep copy of the centre model (cast to ``dtype``), so the model, its buffers and its
+    gradients are exactly the same afterwards. ``mode="eval"`` (default) uses BatchNorm running statistics and
+    disables dropout; ``"train"`` measures the batch-statistics Hessian (dropout is refused by the numerics).
+    """
+
+    figure_stem = "block_heatmap"
+
+    def __init__(self, batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
+        super().__init__()
+        if mode not in MEASUREMENT_MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid: {list(MEASUREMENT_MODES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size, self.mode, self.dtype, self.seed = int(batch_size), mode, dtype, seed
+
+    def config(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "mode": self.mode, "dtype": self.dtype, "seed": self.seed}
+
+    def _problem(self, frame: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """A private model copy in the measurement mode and dtype, and the fixed batch (the same at every call)."""
+        model = copy.deepcopy(frame.center_model).to(DTYPES[self.dtype])
+        model.train(self.mode == "train")
+        inputs, targets = frame.data.sample_batch("train", self.batch_size, self.seed)
+        if inputs.is_floating_point():
+            inputs = inputs.to(DTYPES[self.dtype])
+        if targets.is_floating_point():
+            targets = targets.to(DTYPES[self.dtype])
+        return model, inputs, targets
+
+    def _figures(self, frame: Any, matrices: dict[str, torch.Tensor]) -> list[str]:
+        from src.plots import heatmap
+        folder = frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
+        labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
+        written = []
+        for stem, (matrix, title, bar) in matrices.items():
+            paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}",
+                            title=f"{title}, round {frame.round}", labels=labels, colorbar_label=bar,
+                            log_scale=stem != "block_coupling_heatmap")
+            written += [str(p) for p in paths]
+        return written
+
+
+class Hessian_measurement(_HessianUnit):
+    """Brute-force Hessian: central finite differences of the gradient in float64, then exact block norms.
+
+    Measures S_ij = sigma_max(H_ij) and S_ii = max|lambda|(H_ii) from the full N x N matrix. Cost: 2N gradient
+    evaluations and N^2 memory, so it refuses models above ``max_params`` (checked before training). Float32 finite
+    differences are only good to ~1e-5, hence float64. Writes ``measurements/Hessian_measurement_<run id>.jsonl`` and
+    ``figures/Measurements/Hessian_Measurement/<run id>/fd_block_norms_heatmap_NNN.{pdf,png}``.
+    """
+
+    def __init__(self, max_params: int = 5000, eps: float = 1e-5, batch_size: int = 256, mode: str = "eval",
+                 seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, mode=mode, dtype="float64", seed=seed)
+        self.max_params, self.eps = int(max_params), float(eps)
+
+    def config(self) -> dict[str, Any]:
+        return {"max_params": self.max_params, "eps": self.eps, **super().config()}
+
+    def prepare(self, frame: Any) -> None:
+        n = sum(p.numel() for p in frame.center_model.parameters())
+        if n > self.max_params:
+            raise ValueError(f"Hessian_measurement forms the full Hessian and refuses models above "
+                             f"max_params={self.max_params}; this model has {n} parameters (use "
+                             f"HessianBlockInteractionMeasurement, or raise max_params)")
+
+    def measure(self, frame: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        model, inputs, targets = self._problem(frame)
+        H = hessian.finite_difference_hessian(model, frame.criterion, inputs, targets, eps=self.eps,
+                                              max_params=self.max_params)
+        sizes = hessian.block_sizes(model)
+        norms = hessian.block_spectral_norms(H, sizes)
+        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, "finite-difference |H_ij|_2", "norm")})
+        return {"method": "finite_difference", "n_params": sum(sizes), "block_sizes": sizes,
+                "norms": norms.tolist(), "wall_time": time.perf_counter() - start, "figures": figures}
+
+
+class HessianBlockInteractionMeasurement(_HessianUnit):
+    """Interaction of every pair of blocks through the loss Hessian, without forming the Hessian.
+
+    Off the diagonal S_ij = sigma_max(H_ij); on it S_ii = max|lambda|(H_ii); also the scale-free coupling
+    C_ij = S_ij / sqrt(S_ii S_jj). Batched Golub-Kahan / Lanczos with pooled Rayleigh-Ritz: every Krylov entry is a
+    certified lower bound, stopping at relative tolerance ``tol`` (``max_steps`` cap); tiny models get the exact
+    dense Hessian instead when that costs fewer products (``method="auto"``). Cost: about 2 x steps Hessian-vector
+    products per pair, batched; see the README benchmark. Writes the raw matrix in full, the coupling, the products
+    spent and per-pair convergence to ``measurements/HessianBlockInteractionMeasurement_<run id>.jsonl`` and heat-maps
+    ``block_offdiag_eig_heatmap_NNN`` (raw) and ``block_coupling_heatmap_NNN`` under
+    ``figures/Measurements/Hessian_Measurement/<run id>/`` (PDF and PNG).
+    """
+
+    def __init__(self, tol: float = 1e-2, max_steps: int = 50, method: str = "auto", memory_budget_mb: float = 256,
+                 batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
+        if tol <= 0 or int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"need tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
+        if method not in ("auto", "dense", "krylov"):
+            raise ValueError(f"unknown method {method!r}; valid: ['auto', 'dense', 'krylov']")
+        self.tol, self.max_steps, self.method, self.memory_budget_mb = float(tol), int(max_steps), method, \
+            float(memory_budget_mb)
+
+    def config(self) -> dict[str, Any]:
+        return {"tol": self.tol, "max_steps": self.max_steps, "method": self.method,
+                "memory_budget_mb": self.memory_budget_mb, **super().config()}
+
+    def measure(self, frame: Any) -> dict[str, Any]:
+        model, inputs, targets = self._problem(frame)
+        norms, info = hessian.block_interaction_norms(
+            model, frame.criterion, inputs, targets, tol=self.tol, seed=self.seed, max_steps=self.max_steps,
+            memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True)
+        coupling = hessian.normalised_coupling(norms)
+        figures = self._figures(frame, {
+            "block_offdiag_eig_heatmap": (norms, "Hessian block norms sigma_max(H_ij)", "spectral norm"),
+            "block_coupling_heatmap": (coupling, "coupling S_ij / sqrt(S_ii S_jj)", "coupling")})
+        return {"method": info.method, "hvps": info.hvps, "batched_calls": info.calls,
+                "wall_time": info.wall_time, "lower_bound": info.lower_bound,
+                "block_sizes": hessian.block_sizes(model), "norms": norms.tolist(),
+                "coupling": [[None if v != v else v for v in row] for row in coupling.tolist()],
+                "steps": info.steps.tolist(), "converged": info.converged.tolist(), "figures": figures}
