@@ -1,0 +1,621 @@
+"""Sweep machinery behind ``master.py``: the grid, the device slots, the progress tracker, launchers and the loop.
+
+A sweep is the Cartesian product of a grid of ``dol1.py`` settings, with fixed settings applied to every run. Each
+run is one ``dol1.py`` process; its run id is ``run_id(H)`` of its resolved configuration, the name of its report.
+The state of every run lives in a JSON tracker (``progress_tracker.json``), rewritten atomically after every change,
+so that a master killed by ``kill -9`` can be started again: runs that are done are skipped, runs whose process is
+still alive are adopted (waited on, never started twice), failed runs are retried up to ``max_attempts`` failures.
+
+Beyond one machine: :class:`Launcher` is the seam. ``LocalLauncher`` starts processes here; a cluster launcher (e.g.
+SLURM through submitit) would implement the same four methods: ``start`` submits the same ``dol1.py`` command line
+as a job and returns a handle with the job id, ``poll`` asks the scheduler whether it still runs (and its exit
+code), ``terminate``/``kill`` cancel it, and ``find`` looks a run's command up among the queued and running jobs
+(e.g. by job name = run id), which is what keeps a resumed master from submitting a run twice. Device slots then
+become job resources instead of local GPUs.
+
+Nothing here prints: the loop reports through an ``on_event(kind, run, entry)`` callback.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from src.utils import ConfigError, read_report, run_id
+
+STATUSES = ("pending", "running", "done", "failed", "interrupted")  # a run's status in the tracker
+BAD_INPUT = 2  # dol1.py's exit status for bad input: such a run is never retried
+INTERRUPTED = 130
+_REPORT_OUTCOME = {"finished": "done", "stopped": "done", "failed": "failed", "interrupted": "interrupted",
+                   "alive": "failed"}  # "alive" after the process is gone: killed hard (OOM, kill -9)
+
+
+class SweepError(ConfigError):
+    """Bad sweep input (grid, fixed settings, sweep file, tracker file): master.py exits with status 2."""
+
+
+class TrackerLocked(RuntimeError):
+    """Another master holds the tracker's lock file."""
+
+
+def now() -> str:
+    """Local time as ``YYYY-MM-DDTHH:MM:SS``."""
+    return datetime.now().isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One run of a sweep: its overrides, the dol1.py arguments and the resolved configuration ``H``."""
+
+    run_id: str
+    overrides: dict[str, Any]  # fixed settings + this grid point
+    grid_values: dict[str, Any]  # this grid point only (the table's columns)
+    argv: list[str]
+    H: dict[str, Any]
+    reports_dir: Path
+
+    @property
+    def report(self) -> Path:
+        return self.reports_dir / f"{self.run_id}.txt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports_dir / f"{self.run_id}.metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        """stdout and stderr of every attempt, appended (one header line per attempt)."""
+        return self.reports_dir / f"{self.run_id}.log"
+
+
+def load_spec(grid: str | None = None, fixed: str | None = None,
+              sweep_file: str | Path | None = None) -> tuple[dict[str, list], dict[str, Any]]:
+    """Read the grid and the fixed settings: from a JSON sweep file, then from JSON strings (which override it).
+
+    Raises:
+        SweepError: unreadable JSON, a grid value that is not a non-empty list, a key both in grid and fixed.
+    """
+    def parse(text: str, what: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SweepError(f"{what} is not valid JSON ({err}): {text!r}") from err
+        if not isinstance(value, dict):
+            raise SweepError(f"{what} must be a JSON object, got {text!r}")
+        return value
+
+    spec: dict[str, Any] = {}
+    if sweep_file:
+        try:
+            spec = parse(Path(sweep_file).read_text(), f"sweep file {str(sweep_file)!r}")
+        except OSError as err:
+            raise SweepError(f"cannot read sweep file {str(sweep_file)!r}: {err}") from err
+        unknown = sorted(set(spec) - {"grid", "fixed"})
+        if unknown:
+            raise SweepError(f"sweep file {str(sweep_file)!r}: unknown parts {unknown}; valid: ['fixed', 'grid']")
+    grid_spec = dict(spec.get("grid") or {}) | (parse(grid, "--grid") if grid else {})
+    fixed_spec = dict(spec.get("fixed") or {}) | (parse(fixed, "--fixed") if fixed else {})
+    for key, values in grid_spec.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"grid values must be non-empty lists: {key!r} has {values!r}")
+    both = sorted(set(grid_spec) & set(fixed_spec))
+    if both:
+        raise SweepError(f"keys both in the grid and in the fixed settings: {both}")
+    return grid_spec, fixed_spec
+
+
+def sweep_hash(grid: Mapping[str, Any], fixed: Mapping[str, Any]) -> str:
+    """``S`` + 8 hex digits naming a sweep (its summary files and its entry in the tracker)."""
+    return "S" + run_id({"grid": grid, "fixed": fixed})[1:]
+
+
+def to_argv(overrides: Mapping[str, Any]) -> list[str]:
+    """dol1.py arguments ``--key=value``: strings as they are, everything else as a Python literal (``repr``).
+
+    The ``=`` form keeps values that start with ``-`` from being read as flags; ``repr`` round-trips lists, None and
+    booleans through dol1.py's literal parser.
+    """
+    return [f"--{key}={value if isinstance(value, str) else repr(value)}" for key, value in overrides.items()]
+
+
+def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable[[list[str]], dict[str, Any]],
+           valid_keys: Sequence[str], project_root: Path) -> list[Run]:
+    """Every run of the grid × fixed product, checked with dol1.py's own parser before anything starts.
+
+    Args:
+        grid: key -> list of values.
+        fixed: key -> value for every run.
+        resolve: dol1.py's ``resolve_config(argv) -> H``; raises ConfigError (or SystemExit from argparse).
+        valid_keys: dol1.py's keys (unknown keys are refused here, with a did-you-mean).
+        project_root: where dol1.py writes when ``output_root`` is empty.
+
+    Returns:
+        The runs in grid order, without duplicates (two grid points with the same H are one run).
+
+    Raises:
+        SweepError: an unknown key, or a value dol1.py rejects (its message, with the run's overrides).
+    """
+    import difflib
+
+    for key in [*grid, *fixed]:
+        if key not in valid_keys:
+            close = difflib.get_close_matches(key, valid_keys, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SweepError(f"unknown dol1.py key {key!r}.{hint} Valid: {sorted(valid_keys)}")
+    runs: dict[str, Run] = {}
+    for point in itertools.product(*grid.values()):
+        grid_values = dict(zip(grid, point))
+        overrides = {**fixed, **grid_values}
+        argv = to_argv(overrides)
+        try:
+            H = resolve(argv)
+        except ConfigError as err:
+            raise SweepError(f"run {overrides}: {err}") from err
+        root = Path(H["output_root"]).resolve() if H["output_root"] else project_root
+        rid = run_id(H)
+        runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, root / "reports"))
+    return list(runs.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """A place for one run: a device label for the tracker and the environment the child gets."""
+
+    device: str  # "cpu" or "cuda:<id as the master sees it>"
+    env: tuple[tuple[str, str], ...]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs torch sees, as ids for the children's CUDA_VISIBLE_DEVICES (honouring the master's own)."""
+    import torch  # lazily: a CPU sweep never needs CUDA initialised in the master
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return listed[:count]
+    return [str(i) for i in range(count)]
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_slots(gpus: Sequence[str], runs_per_gpu: int, cpu_slots: int, cores: int) -> list[Slot]:
+    """Slots: ``runs_per_gpu`` per GPU (GPUs interleaved, so runs spread first), else ``cpu_slots`` on the CPU.
+
+    Each child's threads are capped at ``max(1, cores // slots)`` (OMP_NUM_THREADS, MKL_NUM_THREADS) so parallel
+    runs do not oversubscribe the cores; a CPU child gets ``CUDA_VISIBLE_DEVICES=""`` (dol1.py then falls back to
+    the CPU) and a GPU child only its own GPU, which dol1.py's default cuda_core 0 then names.
+    """
+    if gpus:
+        devices = [(f"cuda:{gpu}", gpu) for _ in range(runs_per_gpu) for gpu in gpus]
+    else:
+        devices = [("cpu", "")] * cpu_slots
+    threads = str(max(1, cores // len(devices)))
+    return [Slot(label, (("CUDA_VISIBLE_DEVICES", visible), ("OMP_NUM_THREADS", threads),
+                         ("MKL_NUM_THREADS", threads))) for label, visible in devices]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tracker
+# --------------------------------------------------------------------------------------------------------------------
+def read_tracker(path: str | Path) -> dict[str, Any]:
+    """The tracker's content (an empty tracker when the file does not exist).
+
+    Raises:
+        SweepError: the file exists but is not a tracker.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {"format": 1, "sweeps": {}, "runs": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SweepError(f"tracker {str(path)!r} is unreadable ({err}); move it away to start afresh") from err
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise SweepError(f"tracker {str(path)!r} has no 'runs' table; move it away to start afresh")
+    data.setdefault("sweeps", {})
+    return data
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def tracker_lock(path: Path):
+    """Hold ``<tracker>.lock`` (fcntl) for the block; the kernel drops it if the master dies, even by kill -9.
+
+    Raises:
+        TrackerLocked: another master holds it (its pid is in the message).
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC by default)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise TrackerLocked(f"another master (pid {holder}) is running with tracker {str(path)!r}; "
+                                f"wait for it or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Handle:
+    """A started (or adopted) run: ``pid`` for the local launcher; ``returncode`` once known (None if never)."""
+
+    pid: int
+    process: subprocess.Popen | None = None  # None when adopted from an earlier master
+    command: tuple[str, ...] = ()
+    returncode: int | None = None
+
+
+class Launcher(Protocol):
+    """Starts and watches runs; see the module docstring for a cluster launcher on the same seam."""
+
+    def start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path) -> Handle:
+        """Start ``command`` with ``env`` added to the master's environment, output appended to ``log_path``."""
+
+    def poll(self, handle: Handle) -> bool:
+        """True while the run is alive; sets ``handle.returncode`` when the run ended and its code is known."""
+
+    def terminate(self, handle: Handle) -> None:
+        """Ask the run to stop (dol1.py closes its report as interrupted and exits 130)."""
+
+    def kill(self, handle: Handle) -> None:
+        """Stop the run and everything it started, now."""
+
+    def find(self, command: Sequence[str]) -> Handle | None:
+        """A live run of exactly this command, started by anyone (so that no run is ever started twice)."""
+
+
+def _cmdline(pid: int) -> tuple[str, ...] | None:
+    """The process's argument list (None if gone, a zombie, or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return tuple(raw.decode(errors="replace").split("\0")[:-1]) or None
+
+
+def _same_command(cmdline: Sequence[str] | None, command: Sequence[str]) -> bool:
+    # the interpreter's path may differ (symlinks); the script and its arguments must not
+    return bool(cmdline) and tuple(cmdline[1:]) == tuple(command[1:])
+
+
+class LocalLauncher:
+    """Runs each command as a child process in its own session (it survives a killed master; Linux /proc to find
+    it again)."""
+
+    def start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path) -> Handle:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                                       start_new_session=True, close_fds=True)
+        return Handle(process.pid, process, tuple(command))
+
+    def poll(self, handle: Handle) -> bool:
+        if handle.process is not None:
+            handle.returncode = handle.process.poll()
+            return handle.returncode is None
+        return _same_command(_cmdline(handle.pid), handle.command)
+
+    def _signal(self, handle: Handle, sig: int, group: bool) -> None:
+        if not self.poll(handle):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group and os.getpgid(handle.pid) == handle.pid:  # our children lead their group (workers included)
+                os.killpg(handle.pid, sig)
+            else:
+                os.kill(handle.pid, sig)
+
+    def terminate(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGTERM, group=False)
+
+    def kill(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGKILL, group=True)
+
+    def find(self, command: Sequence[str]) -> Handle | None:
+        for entry in Path("/proc").glob("[0-9]*"):
+            if _same_command(_cmdline(int(entry.name)), command):
+                return Handle(int(entry.name), None, tuple(command))
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics file (complete lines only: the run may be writing), or only the last one."""
+    try:
+        with open(path, "rb") as f:
+            if last_only:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+            lines = f.read().decode(errors="replace").split("\n")[:-1]  # the last piece may be partial
+    except OSError:
+        return []
+    records = []
+    for line in lines[-1:] if last_only else lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+@dataclass
+class _Active:
+    run: Run
+    handle: Handle
+    slot: Slot | None
+    since: float  # epoch seconds of the start (older metrics files are a previous attempt's)
+    killed: bool = False  # SIGKILLed by the master's shutdown: interrupted, whatever its report says
+
+
+def _fresh_round(run: Run, since: float) -> int | None:
+    """The last round in the run's metrics file, if that file was written by the attempt started at ``since``."""
+    last = read_metrics(run.metrics, last_only=True)
+    try:
+        fresh = bool(last) and run.metrics.stat().st_mtime >= since - 1
+    except OSError:
+        return None
+    return last[0].get("round") if fresh else None
+
+
+@dataclass
+class Scheduler:
+    """Runs a sweep's runs on the slots, keeping the tracker up to date; see :meth:`run`.
+
+    Attempts count every start; ``max_attempts`` bounds the starts that end in failure. An interrupted start (the
+    master stopped by SIGINT/SIGTERM, or the run's own process signalled) is run again without counting as a
+    failure; a run that exits with dol1.py's bad-input status 2 is never retried.
+    """
+
+    runs: list[Run]
+    slots: list[Slot]
+    tracker_path: Path
+    sweep: dict[str, Any]  # {"id", "grid", "fixed"}
+    launcher: Launcher = field(default_factory=LocalLauncher)
+    dol1: Path = Path("dol1.py")
+    python: str = "python"
+    max_attempts: int = 2
+    grace: float = 30.0
+    poll_interval: float = 0.5
+    on_event: Callable[[str, Run | None, dict[str, Any] | None], None] = lambda kind, run, entry: None
+    stop_requests: int = 0
+
+    def __post_init__(self) -> None:
+        self.data = read_tracker(self.tracker_path)
+        self.active: list[_Active] = []
+        self.queue: list[Run] = []
+        self._saved_at = 0.0
+
+    # --- tracker ---
+    def entry(self, run: Run) -> dict[str, Any]:
+        return self.data["runs"][run.run_id]
+
+    def save(self) -> None:
+        self.data["updated"] = now()
+        self.data["master_pid"] = os.getpid()
+        write_json_atomic(self.tracker_path, self.data)
+        self._saved_at = time.monotonic()
+
+    def command(self, run: Run) -> list[str]:
+        return [self.python, str(self.dol1), *run.argv]
+
+    def request_stop(self) -> None:
+        """Called from a signal handler: the first request stops gracefully, a second one kills at once."""
+        self.stop_requests += 1
+
+    # --- outcomes ---
+    def _from_report(self, run: Run, entry: dict[str, Any], since: float) -> str:
+        """The outcome of an attempt whose exit code the master never saw, from the run's report."""
+        try:
+            info = read_report(run.report)
+            fresh = info["pid"] == entry["pid"] if entry.get("pid") else run.report.stat().st_mtime >= since - 1
+        except (OSError, ValueError, IndexError, KeyError):
+            info, fresh = None, False
+        if info is not None and fresh:
+            entry["detail"] = info["status_detail"]
+            return _REPORT_OUTCOME.get(info["status"], "failed")
+        # no report of this attempt: never confirmed started (interrupted) or died before writing it (failed)
+        return "interrupted" if entry.get("pid") is None else "failed"
+
+    def _finish(self, active: _Active) -> None:
+        run, handle, entry = active.run, active.handle, self.entry(active.run)
+        code = handle.returncode
+        if code is None:
+            outcome = self._from_report(run, entry, active.since)
+        elif code == 0:
+            outcome = "done"
+        elif code in (INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
+            outcome = "interrupted"
+        else:
+            outcome = "failed"
+        if active.killed and outcome != "done":
+            outcome = "interrupted"
+        if (rounds := _fresh_round(run, active.since)) is not None:
+            entry["rounds_done"] = rounds
+        entry.update(status=outcome, exit_code=code, ended=now())
+        if outcome == "failed":
+            entry["failures"] += 1
+        self.active.remove(active)
+        self._settle(run, entry)
+
+    def _settle(self, run: Run, entry: dict[str, Any]) -> None:
+        """Queue a run again if it may be (interrupted, or failed with failures left), then save and tell."""
+        retry = (entry["status"] == "interrupted" and not self.stop_requests) or (
+            entry["status"] == "failed" and entry["failures"] < self.max_attempts and entry["exit_code"] != BAD_INPUT
+            and not self.stop_requests)
+        self.save()
+        self.on_event(entry["status"], run, entry)
+        if retry:
+            entry["status"] = "pending"
+            self.queue.append(run)
+            self.save()
+            self.on_event("retry", run, entry)
+
+    # --- starting ---
+    def _free_slot(self, device: str | None = None) -> Slot | None:
+        taken = [a.slot for a in self.active]
+        for slot in self.slots:
+            if slot in taken:
+                taken.remove(slot)
+            elif device is None or slot.device == device:
+                return slot
+        return None
+
+    def _adopt(self, run: Run, handle: Handle, entry: dict[str, Any], since: float) -> None:
+        entry.update(status="running", pid=handle.pid)
+        self.active.append(_Active(run, handle, self._free_slot(entry.get("device")), since))
+        self.save()
+        self.on_event("adopt", run, entry)
+
+    def _launch(self, run: Run, slot: Slot) -> None:
+        entry, command = self.entry(run), self.command(run)
+        found = self.launcher.find(command)
+        if found is not None:  # someone else runs it already: wait for that one instead
+            self._adopt(run, found, entry, time.time())
+            return
+        entry.update(status="running", attempts=entry["attempts"] + 1, pid=None, device=slot.device,
+                     rounds_done=0, exit_code=None, detail=None, started=now(), ended=None)
+        self.save()  # before the start: a master killed in between finds the run by its command line
+        run.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.log, "a") as log:
+            log.write(f"=== {now()} master.py: attempt {entry['attempts']} on {slot.device}: {command}\n")
+        since = time.time()
+        try:
+            handle = self.launcher.start(command, dict(slot.env), run.log)
+        except OSError as err:
+            entry.update(status="failed", failures=entry["failures"] + 1, detail=f"could not start: {err}",
+                         ended=now())
+            self._settle(run, entry)
+            return
+        entry["pid"] = handle.pid
+        self.active.append(_Active(run, handle, slot, since))
+        self.save()
+        self.on_event("launch", run, entry)
+
+    # --- the sweep ---
+    def prepare(self) -> None:
+        """Reconcile the tracker with what is alive: skip done runs, adopt live ones, judge the dead, queue the rest."""
+        self.data["sweeps"][self.sweep["id"]] = {
+            **self.data["sweeps"].get(self.sweep["id"], {"started": now()}), "grid": self.sweep["grid"],
+            "fixed": self.sweep["fixed"], "runs": [r.run_id for r in self.runs], "status": "running"}
+        for run in self.runs:
+            entry = self.data["runs"].setdefault(run.run_id, {
+                "status": "pending", "attempts": 0, "failures": 0, "pid": None, "device": None, "exit_code": None,
+                "started": None, "ended": None, "detail": None, "rounds_done": 0})
+            entry.update(overrides=run.overrides, H=run.H, argv=run.argv, rounds_total=run.H["rounds"],
+                         report=str(run.report), log=str(run.log))
+            if entry["status"] == "done":
+                self.on_event("skip", run, entry)
+                continue
+            since = datetime.fromisoformat(entry["started"]).timestamp() if entry.get("started") else 0.0
+            found = self.launcher.find(self.command(run))
+            if found is not None:
+                self._adopt(run, found, entry, since)
+            elif entry["status"] == "running":  # its master died and so did the run since: what became of it?
+                entry.update(status=self._from_report(run, entry, since), exit_code=None, ended=now())
+                if (rounds := _fresh_round(run, since)) is not None:
+                    entry["rounds_done"] = rounds
+                if entry["status"] == "failed":
+                    entry["failures"] += 1
+                self._settle(run, entry)
+            elif entry["status"] == "failed" and entry["exit_code"] != BAD_INPUT \
+                    and entry["failures"] < self.max_attempts or entry["status"] in ("pending", "interrupted"):
+                entry["status"] = "pending"
+                self.queue.append(run)
+        self.save()
+
+    def _tick(self) -> None:
+        """Poll the active runs, refresh their rounds from the metrics files, save at most once a second."""
+        changed = False
+        for active in list(self.active):
+            if not self.launcher.poll(active.handle):
+                self._finish(active)
+                continue
+            entry = self.entry(active.run)
+            if (rounds := _fresh_round(active.run, active.since)) is not None and rounds != entry["rounds_done"]:
+                entry["rounds_done"], changed = rounds, True
+        if changed and time.monotonic() - self._saved_at > 1.0:
+            self.save()
+        self.on_event("tick", None, None)
+
+    def _shutdown(self) -> None:
+        for active in self.active:
+            self.launcher.terminate(active.handle)
+        deadline = time.monotonic() + (0 if self.stop_requests > 1 else self.grace)
+        while self.active and time.monotonic() < deadline and self.stop_requests < 2:
+            for active in list(self.active):
+                if not self.launcher.poll(active.handle):
+                    self._finish(active)
+            time.sleep(min(self.poll_interval, 0.2))
+        for active in self.active:
+            active.killed = True
+            self.launcher.kill(active.handle)
+        deadline = time.monotonic() + 10.0
+        while self.active:
+            for active in list(self.active):
+                if not self.launcher.poll(active.handle) or time.monotonic() > deadline:
+                    self._finish(active)
+            time.sleep(0.05)
+        for run in self.queue:
+            if self.entry(run)["status"] == "pending" and self.entry(run)["attempts"]:
+                self.entry(run)["status"] = "interrupted"
+        self.queue.clear()
+
+    def run(self) -> dict[str, str]:
+        """Run the sweep to the end (or until a stop request); returns run id -> final status."""
+        self.prepare()
+        while (self.queue or self.active) and not self.stop_requests:
+            while self.queue and (slot := self._free_slot()) is not None and not self.stop_requests:
+                self._launch(self.queue.pop(0), slot)
+            self._tick()
+            if self.queue or self.active:
+                time.sleep(self.poll_interval)
+        if self.stop_requests:
+            self._shutdown()
+        self.data["sweeps"][self.sweep["id"]].update(status="interrupted" if self.stop_requests else "ended",
+                                                     ended=now())
+        self.save()
+        return {run.run_id: self.entry(run)["status"] for run in self.runs}
