@@ -165,7 +165,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
     from src.plots import training_curve
     from src.utils import ConfigError, Reporter, parse_measurement_units
 
-    paths = None
     try:
         H = resolve_config(argv)
         if H["training_mode"] == "blockwise":

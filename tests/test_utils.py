@@ -185,3 +185,23 @@ def test_parse_units_errors(tmp_path, line, needles):
     for needle in needles:
         assert needle in str(info.value)
     assert str(f) in str(info.value) or "cannot import" in str(info.value)
+
+
+def test_max_batch_size_cuda_probe_catches_out_of_memory():
+    """The CUDA probe's forward+backward and OOM handling, run on the CPU with a model that 'runs out' above 37."""
+    from src.utils import _cuda_fits
+
+    class Greedy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            if x.shape[0] > 37:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.lin(x)
+
+    model = Greedy()
+    fits = _cuda_fits(model, torch.zeros(3), torch.device("cpu"), None)
+    assert get_max_batch_size(model, torch.zeros(3), fits=fits, safety=1.0, high=1000) == 37
+    assert all(p.grad is None for p in model.parameters())  # probes leave no gradients behind
