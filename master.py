@@ -20,7 +20,7 @@ after ``--grace`` seconds; a second Ctrl-C kills at once) and marks them interru
 
 At the end: a table of the runs (printed, and written as ``figures/sweep_summary_<sweep id>.md``) and a figure
 ``figures/sweep_<sweep id>.{pdf,png}``: for a step_size × K grid the best step size per K (lowest final training
-loss) and its loss against rounds, otherwise the loss of every run against rounds.
+loss; a diverged run is never the best) and its loss against rounds, otherwise the loss of every run against rounds.
 
 Exit status: 0 every run done, 1 some run failed, 2 bad input (nothing started, tracker untouched), 3 another master
 holds the tracker, 130 interrupted.
@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ TABLE_METRICS = ("loss", "test_loss", "test_accuracy")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of master.py."""
-    from src.sweep import cpu_cores
+    from src.launchers import cpu_cores
 
     parser = argparse.ArgumentParser(prog="master.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -121,6 +122,10 @@ class Display:
             self.bar.close()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
 
@@ -143,38 +148,60 @@ def summary_table(runs: list, entries: dict[str, dict[str, Any]], grid: dict[str
     return "\n".join(lines) + "\n"
 
 
-def sweep_figure(runs: list, grid: dict[str, list], path: Path, title: str) -> list[Path]:
-    """Loss against rounds: the best step size per K for a step_size × K grid, else every run; .pdf and .png."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _final_loss(records: list[dict[str, Any]]) -> float:
+    """The last recorded training loss; +inf when it is missing or not finite (a diverged run is never the best)."""
+    loss = records[-1].get("loss") if records else None
+    return loss if _finite(loss) else math.inf
+
+
+def figure_curves(runs: list, grid: dict[str, list]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The curves of the sweep figure as (legend label, metrics records), in the order they are drawn.
+
+    For a step_size × K grid: per K, the run with the lowest final training loss (non-finite losses lose); else
+    every run that recorded a loss.
+    """
     from src.sweep import read_metrics
 
     curves = {run.run_id: read_metrics(run.metrics) for run in runs}
     curves = {rid: records for rid, records in curves.items() if records and "loss" in records[-1]}
-    shown: list[tuple[str, Any]] = []
     if {"step_size", "K"} <= set(grid):
         best: dict[Any, Any] = {}
         for run in runs:
-            if run.run_id in curves:
-                K = run.grid_values["K"]
-                if K not in best or curves[run.run_id][-1]["loss"] < curves[best[K].run_id][-1]["loss"]:
-                    best[K] = run
+            K = run.grid_values["K"]
+            if run.run_id in curves and (K not in best or _final_loss(curves[run.run_id])
+                                         < _final_loss(curves[best[K].run_id])):
+                best[K] = run
         shown = [(f"K={K}, best step_size={run.grid_values['step_size']:g}", run) for K, run in sorted(best.items())]
     else:
         shown = [(", ".join(f"{k}={v}" for k, v in run.grid_values.items()) or run.run_id, run)
                  for run in runs if run.run_id in curves]
+    finals = {run.run_id: _final_loss(curves[run.run_id]) for _, run in shown}
+    return [(f"{label} (" + (f"final {finals[run.run_id]:.3g}" if math.isfinite(finals[run.run_id]) else "diverged")
+             + ")", curves[run.run_id]) for label, run in shown]
+
+
+def sweep_figure(runs: list, grid: dict[str, list], path: Path, title: str) -> list[Path]:
+    """Loss against rounds (see :func:`figure_curves` for which runs), written as .pdf and .png."""
+    shown = figure_curves(runs, grid)
     import matplotlib
     matplotlib.use("Agg")  # no display; set here, never at import
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, run in shown:
-        records = curves[run.run_id]
-        ax.plot([r["round"] for r in records], [r["loss"] for r in records], label=label)
-    if shown and all(r["loss"] > 0 for _, run in shown for r in curves[run.run_id]):
+    for label, records in shown:
+        points = [(r["round"], r["loss"]) for r in records if _finite(r.get("loss"))]  # diverged: NaN or inf
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    if shown and all(r["loss"] > 0 for _, records in shown for r in records if _finite(r.get("loss"))):
         ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    what = "best step size per K (lowest final training loss)" if {"step_size", "K"} <= set(grid) else "every run"
+    ax.set_title(f"{title}: {what}", fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
     if shown:
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -190,9 +217,9 @@ def _dry_run(runs: list, slots: list, tracker: Path, sweep_id: str) -> None:
     from src.sweep import read_tracker
 
     known = read_tracker(tracker)["runs"]
-    print(f"sweep {sweep_id}: {len(runs)} runs; tracker {tracker}")
+    print(f"sweep {sweep_id}: {_count(len(runs), 'run')}; tracker {tracker}")
     devices = sorted({slot.device for slot in slots})
-    print(f"device plan: {len(slots)} slots on {', '.join(devices)}; each child: "
+    print(f"device plan: {_count(len(slots), 'slot')} on {', '.join(devices)}; each child: "
           + " ".join(f"{k}={v!r}" for k, v in slots[0].env))
     for run in runs:
         status = known.get(run.run_id, {}).get("status", "new")
@@ -205,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any working directory
         sys.path.insert(0, str(PROJECT_ROOT))
     import dol1
+    from src import launchers
     from src import sweep as sw
 
     args = build_parser().parse_args(argv)
@@ -224,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"master.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     sweep_id = sw.sweep_hash(grid, fixed)
-    gpus = [] if args.cpu else sw.visible_gpus()
-    slots = sw.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, sw.cpu_cores())
+    gpus = [] if args.cpu else launchers.visible_gpus()
+    slots = launchers.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, launchers.cpu_cores())
     if args.dry_run:
         _dry_run(runs, slots, tracker, sweep_id)
         return 0
@@ -239,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      poll_interval=args.poll_interval)
             display = Display(runs, scheduler)
             scheduler.on_event = display
-            display.say(f"sweep {sweep_id}: {len(runs)} runs on {len(slots)} slots "
+            display.say(f"sweep {sweep_id}: {_count(len(runs), 'run')} on {_count(len(slots), 'slot')} "
                         f"({', '.join(sorted({s.device for s in slots}))}); tracker {tracker}")
             previous = {}
             with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
@@ -263,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \nfixed: `{json.dumps(fixed)}`\n\n"
                        + table)
     figure = sweep_figure(runs, grid, root / "figures" / f"sweep_{sweep_id}", f"sweep {sweep_id}")
-    print(f"summary: {summary}\nfigure: {figure[0]}")
+    print(f"summary: {summary}\nfigure: {', '.join(map(str, figure))}")
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)

@@ -1,4 +1,5 @@
-"""master.py: a CPU sweep end to end, resume after kill -9 and after SIGTERM, retries, dry run, input checks.
+"""master.py, src/sweep.py, src/launchers.py: a CPU sweep end to end, resume after kill -9 and after SIGTERM, retries,
+dry run, input checks.
 
 Every run is a real dol1.py process on a tiny MLP; outputs and trackers live under tmp_path.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import master
-from src import sweep
+from src import launchers, sweep
 from src.utils import read_report
 
 pytestmark = pytest.mark.slow
@@ -245,10 +246,10 @@ def test_second_master_on_the_same_tracker_is_refused(tmp_path, capsys):
 
 
 def test_slots_pack_gpus_and_cap_threads():
-    slots = sweep.plan_slots(["2", "5"], runs_per_gpu=2, cpu_slots=3, cores=16)
+    slots = launchers.plan_slots(["2", "5"], runs_per_gpu=2, cpu_slots=3, cores=16)
     assert [s.device for s in slots] == ["cuda:2", "cuda:5", "cuda:2", "cuda:5"]
     assert dict(slots[1].env) == {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
-    cpu = sweep.plan_slots([], runs_per_gpu=2, cpu_slots=3, cores=16)
+    cpu = launchers.plan_slots([], runs_per_gpu=2, cpu_slots=3, cores=16)
     assert len(cpu) == 3 and dict(cpu[0].env) == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "5",
                                                   "MKL_NUM_THREADS": "5"}
 
@@ -258,9 +259,9 @@ def test_visible_gpus_honour_cuda_visible_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
-    assert sweep.visible_gpus() == ["3", "7"]
+    assert launchers.visible_gpus() == ["3", "7"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert sweep.visible_gpus() == ["0", "1"]
+    assert launchers.visible_gpus() == ["0", "1"]
 
 
 def test_argv_round_trips_through_dol1():
@@ -269,3 +270,19 @@ def test_argv_round_trips_through_dol1():
                  "data_root": "-odd name", "rounds": 3}
     H = dol1.resolve_config(sweep.to_argv(overrides))
     assert {k: H[k] for k in overrides} == overrides
+
+
+def test_figure_shows_the_best_finite_step_size_per_k(tmp_path):
+    def run(rid: str, step_size: float, K: int, losses: list) -> sweep.Run:
+        r = sweep.Run(rid, {}, {"step_size": step_size, "K": K}, [], {"rounds": len(losses)}, tmp_path)
+        r.metrics.write_text("".join(json.dumps({"round": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+        return r
+    # a diverged run listed first must not stay "best": nothing compares below NaN
+    runs = [run("R1", 1.0, 1, [2.3, float("nan")]), run("R2", 0.01, 1, [2.3, 0.5]), run("R3", 0.001, 1, [2.3, 2.0]),
+            run("R4", 1.0, 5, [2.3, 0.1]), run("R5", 0.01, 5, [2.3, 0.3])]
+    grid = {"step_size": [1.0, 0.01, 0.001], "K": [1, 5]}
+    assert [label for label, _ in master.figure_curves(runs, grid)] == [
+        "K=1, best step_size=0.01 (final 0.5)", "K=5, best step_size=1 (final 0.1)"]
+    assert master.figure_curves(runs, {"step_size": grid["step_size"]})[0][0] == "step_size=1.0, K=1 (diverged)"
+    written = master.sweep_figure(runs, grid, tmp_path / "figures" / "sweep", "sweep S0")
+    assert [p.suffix for p in written] == [".pdf", ".png"] and all(p.stat().st_size > 0 for p in written)
