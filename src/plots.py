@@ -54,21 +54,23 @@ def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if log_scale and positive.size and \
         positive.min() < positive.max() else None
     shown = np.where(values > 0, values, np.nan) if norm is not None else values
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * max(n, 6), 0.6 + 0.5 * max(n, 6)))
+    side = 1.2 + 0.55 * max(n, 5)
+    fig, ax = plt.subplots(figsize=(side + 2.2, side + 1.0), layout="constrained")
     image = ax.imshow(shown, cmap="viridis", norm=norm)
-    ax.set_xticks(range(n), labels, rotation=90 if n > 8 else 0)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("block j")
     ax.set_ylabel("block i")
     if n <= 12:
         for i in range(n):
             for j in range(n):
-                if np.isfinite(values[i, j]):
-                    ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(image, ax=ax, label=colorbar_label)
+                if np.isfinite(shown[i, j]):
+                    bright = image.norm(shown[i, j]) > 0.6  # dark text on the bright end of viridis
+                    ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=8,
+                            color="k" if bright else "w")
+    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
     if title:
-        ax.set_title(title)
-    fig.tight_layout()
+        ax.set_title(title, fontsize=10)
     return _save(fig, plt, path)
 
 

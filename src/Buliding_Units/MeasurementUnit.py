@@ -151,7 +151,7 @@ class _HessianUnit(MeasurementUnit):
         written = []
         for stem, (matrix, title, bar) in matrices.items():
             paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}",
-                            title=f"{title}, round {frame.round}", labels=labels, colorbar_label=bar,
+                            title=f"{title}\n{frame.run_id}, round {frame.round}", labels=labels, colorbar_label=bar,
                             log_scale=stem != "block_coupling_heatmap")
             written += [str(p) for p in paths]
         return written
@@ -188,7 +188,7 @@ class Hessian_measurement(_HessianUnit):
                                               max_params=self.max_params)
         sizes = hessian.block_sizes(model)
         norms = hessian.block_spectral_norms(H, sizes)
-        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, "finite-difference |H_ij|_2", "norm")})
+        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, "finite-difference $\\|H_{ij}\\|_2$", "spectral norm")})
         return {"method": "finite_difference", "n_params": sum(sizes), "block_sizes": sizes,
                 "norms": norms.tolist(), "wall_time": time.perf_counter() - start, "figures": figures}
 
@@ -227,8 +227,8 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
             memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True)
         coupling = hessian.normalised_coupling(norms)
         figures = self._figures(frame, {
-            "block_offdiag_eig_heatmap": (norms, "Hessian block norms sigma_max(H_ij)", "spectral norm"),
-            "block_coupling_heatmap": (coupling, "coupling S_ij / sqrt(S_ii S_jj)", "coupling")})
+            "block_offdiag_eig_heatmap": (norms, "Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm"),
+            "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")})
         return {"method": info.method, "hvps": info.hvps, "batched_calls": info.calls,
                 "wall_time": info.wall_time, "lower_bound": info.lower_bound,
                 "block_sizes": hessian.block_sizes(model), "norms": norms.tolist(),
