@@ -1,0 +1,421 @@
+"""The multi-process block-wise engine (``--training_mode blockwise``) on torch.distributed.
+
+The same Jacobi algorithm as ``train_blockwise_sequential``, with the blocks spread over persistent worker
+processes. Each rank owns the copies (and the optimisers) of blocks ``b`` with ``b % n == rank`` for the whole run,
+and one round is:
+
+1. rank 0 broadcasts the round index (or ``STOP``): every rank leaves the loop in the same round;
+2. every rank takes K local steps on each active block it owns, on batches r·K … r·K + K − 1, which it computes
+   itself from the seeded sequence (data never travels between processes);
+3. one ``all_reduce`` of [deviation², compute time of each rank];
+4. each owner broadcasts its active blocks' parameters *and* buffers (BatchNorm statistics, num_batches_tracked),
+   flattened into one tensor per dtype; every rank gathers them into its centre with damping ``gamma``
+   (``Disributed_frame.gather_block``), sleeps ``communication_delay`` and scatters the centre into its copies.
+
+The centre is identical on every rank after each round. Rank 0 holds the real Frame (reporter, plugins) and runs
+``training_loop`` with a distributed ``step``, so logging, measurements and stoppers follow the sequential
+schedule. Its counters are the global ones: ``steps`` += active blocks × K per round; ``timers['compute']`` is the
+*slowest* rank's compute time of each round and ``timers['communication']`` the rest of rank 0's round time
+(waiting, collectives, delay, scatter), so the two add up to the round's wall time; ``bytes_sent`` counts block
+payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) bytes per round, are left out).
+
+Launch: ``run_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins the process
+group from the environment while ``dol1.py`` sends ranks > 0 to ``torchrun_worker``. ``n_workers = 0`` means one
+worker per block, capped at the CPU cores this process may use (CPU) or at the visible GPUs (CUDA).
+
+Test hook: a spawned or torchrun worker whose rank equals the environment variable ``BLOCKWISE_TEST_FAIL_RANK``
+raises a RuntimeError at the start of round ``BLOCKWISE_TEST_FAIL_ROUND`` (default 1).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame
+from src.Optimizer_Engines.BCD_engine import active_blocks, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus,
+                                               free_port)
+
+STOP = -1  # the round command that ends the workers' loop
+COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
+FAIL_RANK_ENV, FAIL_ROUND_ENV = "BLOCKWISE_TEST_FAIL_RANK", "BLOCKWISE_TEST_FAIL_ROUND"
+_ERROR_KEY = "blockwise/error/{rank}"  # torchrun: a failing rank leaves its traceback in the rendezvous store
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planning (pure)
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Who runs where: ``n`` ranks, the process-group ``backend``, each rank's ``devices[rank]``, the blocks each
+    rank owns ``assignment[rank]`` (round-robin: block b → rank b % n) and ``threads`` per process."""
+
+    n: int
+    backend: str
+    devices: tuple[str, ...]
+    assignment: tuple[tuple[int, ...], ...]
+    threads: int
+
+    def owner(self, block: int) -> int:
+        """The rank that owns ``block``."""
+        return block % self.n
+
+
+def plan_workers(n_blocks: int, n_workers: int, n_gpus: int, n_cpus: int, *, first_gpu: int = 0,
+                 procs_per_node: int | None = None) -> WorkerPlan:
+    """Choose the number of ranks, the backend, the devices and the block assignment.
+
+    Args:
+        n_blocks: blocks of the model.
+        n_workers: processes asked for; 0 = one per block, capped at ``n_gpus`` (CUDA) or ``n_cpus`` (CPU).
+            Never more than ``n_blocks`` when the engine spawns the workers.
+        n_gpus: GPUs to use (0 = CPU run).
+        n_cpus: CPU cores of one machine; each process gets ``n_cpus // processes per machine`` threads.
+        first_gpu: the GPU of local rank 0 (``--cuda_core``); local rank i uses ``(first_gpu + i) % n_gpus``.
+        procs_per_node: under torchrun, the processes per machine (``LOCAL_WORLD_SIZE``); ``n_workers`` is then
+            the world size and is used as given. None = the engine spawns all ranks on this machine.
+
+    Returns:
+        The plan. NCCL when every process of a machine has a GPU of its own; gloo on the CPU and when processes
+        share a GPU (NCCL refuses two ranks on one device).
+    """
+    if n_blocks < 1:
+        raise ValueError(f"a model needs at least one block, got n_blocks={n_blocks}")
+    if n_workers < 0:
+        raise ValueError(f"n_workers must be >= 0 (0 = auto), got {n_workers}")
+    if procs_per_node is None:
+        wanted = n_workers if n_workers > 0 else (n_gpus if n_gpus > 0 else n_cpus)
+        n = max(1, min(wanted, n_blocks))
+        per_node = n
+    else:
+        if n_workers < 1 or procs_per_node < 1:
+            raise ValueError(f"torchrun needs a world size and processes per node >= 1, got {n_workers} and "
+                             f"{procs_per_node}")
+        n, per_node = n_workers, procs_per_node
+    if n_gpus > 0:
+        # ranks are numbered node by node, so rank r is local rank r % per_node
+        devices = tuple(f"cuda:{(first_gpu + r % per_node) % n_gpus}" for r in range(n))
+        backend = "nccl" if per_node <= n_gpus else "gloo"
+    else:
+        devices, backend = ("cpu",) * n, "gloo"
+    assignment = tuple(tuple(range(r, n_blocks, n)) for r in range(n))
+    return WorkerPlan(n, backend, devices, assignment, max(1, n_cpus // per_node))
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """The rendezvous variables torchrun sets for each process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None:
+    """The torchrun variables of this process, or None when it was not launched by torchrun."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    world = int(env["WORLD_SIZE"])
+    return TorchrunEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", env["RANK"])),
+                       int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+def torchrun_rank() -> int:
+    """This process's torchrun rank (0 when not under torchrun); ``dol1.py`` sends ranks > 0 to the worker."""
+    env = torchrun_env()
+    return env.rank if env is not None else 0
+
+
+def _gpu_count(device: torch.device) -> int:
+    return torch.cuda.device_count() if device.type == "cuda" else 0
+
+
+def _torchrun_plan(n_blocks: int, env: TorchrunEnv, device: torch.device) -> WorkerPlan:
+    return plan_workers(n_blocks, env.world_size, _gpu_count(device), available_cpus(),
+                        first_gpu=device.index or 0, procs_per_node=env.local_world_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One round, on every rank
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Rank:
+    """Per-process state: the plan, this rank, where collectives run, and scratch blocks for received values."""
+
+    plan: WorkerPlan
+    rank: int
+    comm_device: torch.device  # NCCL: this rank's GPU; gloo: the CPU
+    scratch: nn.ModuleList
+
+
+def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
+    return list(block.parameters()) + list(block.buffers())  # the order Disributed_frame.gather_block zips
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[str, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(str(t.dtype), []).append(t)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _broadcast_tensors(state: _Rank, tensors: list[torch.Tensor], src: int) -> int:
+    """Broadcast ``tensors`` from rank ``src`` into the same-shaped ``tensors`` of every rank, one flat tensor per
+    dtype; returns the payload bytes broadcast."""
+    sent = 0
+    with torch.no_grad():
+        for group in _by_dtype(tensors):
+            if state.rank == src:
+                flat = torch.cat([t.detach().reshape(-1) for t in group]).to(state.comm_device)
+            else:
+                flat = torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype, device=state.comm_device)
+            dist.broadcast(flat, src=src)
+            if state.rank != src:
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+            sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def _command(state: _Rank, value: int = 0) -> int:
+    """Rank 0 sends ``value`` (a round index or STOP); every rank returns it."""
+    t = torch.tensor([value], dtype=torch.int64, device=state.comm_device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _maybe_fail_for_test(rank: int, round_index: int) -> None:
+    if os.environ.get(FAIL_RANK_ENV) == str(rank) and round_index == int(os.environ.get(FAIL_ROUND_ENV, "1")):
+        raise RuntimeError(f"{FAIL_RANK_ENV} test hook: rank {rank} fails in round {round_index}")
+
+
+def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, started: float) -> float:
+    """One round on this rank (every rank calls it with the same index); returns the global deviation."""
+    H, plan = frame.H, state.plan
+    if state.rank > 0:
+        _maybe_fail_for_test(state.rank, round_index)
+    blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"])
+    mine = [b for b in blocks if plan.owner(b) == state.rank]
+    batches = round_batches(frame, round_index)
+    for b in mine:
+        local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
+    sync(frame.device)
+    compute = time.perf_counter() - started
+
+    # deviation before the gather, and every rank's compute time, in one collective
+    stats = torch.zeros(1 + plan.n, dtype=torch.float64, device=state.comm_device)
+    stats[0] = frame.deviation(mine) ** 2
+    stats[1 + state.rank] = compute
+    dist.all_reduce(stats)
+    stats = stats.tolist()
+
+    sent = 0
+    for owner in sorted({plan.owner(b) for b in blocks}):
+        owned = [b for b in blocks if plan.owner(b) == owner]
+        # the owner sends from its copies; every other rank receives into its scratch blocks
+        sources = {b: frame.distributed_models[b].blocks[b] if owner == state.rank else state.scratch[b]
+                   for b in owned}
+        sent += _broadcast_tensors(state, [t for b in owned for t in _block_tensors(sources[b])], owner) \
+            * (plan.n - 1)
+        for b in owned:
+            frame.gather_block(b, sources[b])
+    if H.get("communication_delay", 0):
+        time.sleep(H["communication_delay"])
+    frame.scatter(blocks)
+    sync(frame.device)
+
+    slowest = max(stats[1:])
+    frame.timers["compute"] += slowest
+    frame.timers["communication"] += max(0.0, time.perf_counter() - started - slowest)
+    frame.bytes_sent += sent
+    frame.steps += len(blocks) * H["K"]
+    frame.samples += sum(len(y) for _, y in batches)
+    return math.sqrt(stats[0])
+
+
+def _prepare(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> _Rank:
+    """Keep only this rank's copies, make every centre equal to rank 0's and scatter it into the copies."""
+    for b in [b for b in frame.distributed_models if plan.owner(b) != rank]:
+        del frame.distributed_models[b], frame.block_optimizers[b]  # rank 0's frame was built with every copy
+    comm_device = frame.device if plan.backend == "nccl" else torch.device("cpu")
+    scratch = copy.deepcopy(frame.center_model.blocks).requires_grad_(False)  # receives other ranks' blocks
+    state = _Rank(plan, rank, comm_device, scratch)
+    _broadcast_tensors(state, _block_tensors(frame.center_model), src=0)
+    frame.scatter()
+    for replica in frame.distributed_models.values():
+        replica.train()
+    return state
+
+
+def centre_spread(frame: Disributed_frame, state: _Rank) -> float:
+    """Largest elementwise difference of the centre (parameters and buffers) across ranks; 0.0 = identical.
+
+    Collective: every rank must call it.
+    """
+    with torch.no_grad():
+        flat = torch.cat([t.double().reshape(-1) for t in _block_tensors(frame.center_model)]).to(state.comm_device)
+        high, neg_low = flat.clone(), -flat
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(neg_low, op=dist.ReduceOp.MAX)  # max(-x) = -min(x)
+        return (high + neg_low).max().item()
+
+
+def worker_loop(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> None:
+    """A rank > 0: prepare, run the rounds rank 0 commands until STOP, then the final centre check."""
+    state = _prepare(frame, plan, rank)
+    while (round_index := _command(state)) != STOP:
+        distributed_round(frame, state, round_index, time.perf_counter())
+    centre_spread(frame, state)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------------------------------
+def _use_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def spawned_worker(rank: int, H: dict[str, Any], plan: WorkerPlan, port: int) -> None:
+    """Entry point of spawned rank ``rank``: build its own frame (same seed, so the same initial centre), join the
+    group on 127.0.0.1:``port`` and follow rank 0."""
+    torch.set_num_threads(plan.threads)
+    device = torch.device(plan.devices[rank])
+    _use_device(device)
+    frame = generate_ModelFrame(H, owned_blocks=plan.assignment[rank], device=device)
+    dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        worker_loop(frame, plan, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun_worker(H: dict[str, Any]) -> None:
+    """A torchrun rank > 0 (called by ``dol1.main``): join the group from the environment and follow rank 0.
+
+    Writes nothing; a failure leaves its traceback in the rendezvous store for rank 0's report, then re-raises.
+    """
+    from src.Buliding_Units.Model_frames import select_device
+    env = torchrun_env()
+    if env is None or env.rank == 0:
+        raise RuntimeError("torchrun_worker is for torchrun ranks > 0 (RANK and WORLD_SIZE must be set)")
+    base = select_device(H["cuda_core"])  # local rank 0's device; local rank i uses the i-th GPU after it
+    n_gpus = _gpu_count(base)
+    device = torch.device(f"cuda:{((base.index or 0) + env.local_rank) % n_gpus}" if n_gpus else "cpu")
+    _use_device(device)
+    frame = generate_ModelFrame(H, device=device)  # every copy; _prepare keeps this rank's
+    plan = _torchrun_plan(frame.n_blocks, env, base)
+    assert torch.device(plan.devices[env.rank]) == device, (plan, device)
+    torch.set_num_threads(plan.threads)
+    dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    try:
+        worker_loop(frame, plan, env.rank)
+    except BaseException:
+        dist.distributed_c10d._get_default_store().set(_ERROR_KEY.format(rank=env.rank), traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _torchrun_failure(world_size: int) -> WorkerFailed | None:
+    """Under torchrun: the first rank > 0 that left a traceback in the store, if any."""
+    store = dist.distributed_c10d._get_default_store()
+    for rank in range(1, world_size):
+        key = _ERROR_KEY.format(rank=rank)
+        if store.check([key]):
+            return WorkerFailed(rank, None, None, store.get(key).decode())
+    return None
+
+
+def run_distributed(frame: Disributed_frame, progress: Callable[[int, int], None] | None = None) -> Frame:
+    """Train ``frame`` with persistent worker processes; rank 0 is this process (see the module docstring).
+
+    Raises:
+        WorkerFailed: a worker raised or died (its traceback is in the message).
+    """
+    if not isinstance(frame, Disributed_frame):
+        raise TypeError(f"train_blockwise_distributed needs a Disributed_frame, got {type(frame).__name__}")
+    env = torchrun_env()
+    if env is not None:
+        plan = _torchrun_plan(frame.n_blocks, env, frame.device)
+    else:
+        plan = plan_workers(frame.n_blocks, frame.H["n_workers"], _gpu_count(frame.device), available_cpus(),
+                            first_gpu=frame.device.index or 0)
+    assert torch.device(plan.devices[0]) == frame.device, (plan, frame.device)  # rank 0 trains where it was built
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    t0 = time.perf_counter()
+    pool, error_dir = None, tempfile.TemporaryDirectory(prefix="blockwise_")
+    own_group = not (env is not None and dist.is_initialized())  # under torchrun, a caller may have joined already
+    try:
+        if env is not None:
+            if own_group:
+                dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+        else:
+            port = free_port()
+            pool = WorkerPool(error_dir.name, on_failure=frame.reporter.fail if frame.reporter else None)
+            pool.start(range(1, plan.n), spawned_worker, lambda rank: (rank, frame.H, plan, port))
+            frame.log("Worker pids: " + ", ".join(f"rank {r} pid {p}" for r, p in pool.pids.items()))
+            dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
+        state = _prepare(frame, plan, 0)
+        frame.log(f"Distributed: {plan.n} ranks ({'torchrun' if env else 'spawned'}), backend {plan.backend}, "
+                  f"devices {list(plan.devices)}, {plan.threads} threads each, blocks by rank "
+                  f"{[list(a) for a in plan.assignment]}; start-up {time.perf_counter() - t0:.1f} s")
+        rounds_before, bytes_before = frame.round, frame.bytes_sent
+
+        def step(frame: Disributed_frame, round_index: int) -> float:
+            started = time.perf_counter()
+            _command(state, round_index)
+            return distributed_round(frame, state, round_index, started)
+
+        training_loop(frame, step, progress)
+        if pool is not None:
+            pool.expect_exit()
+        _command(state, STOP)
+        spread = centre_spread(frame, state)
+        if pool is not None:
+            pool.join()
+        frame.log(f"Centre after the last round: largest difference across the {plan.n} ranks = {spread:.3g}"
+                  + (" (identical)" if spread == 0 else ""))
+        if spread != 0:
+            warnings.warn(f"the centre models of the ranks differ by up to {spread:.3g} after the run", stacklevel=2)
+        rounds = frame.round - rounds_before
+        frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
+                  f"(block payload x {plan.n - 1} receivers) over {rounds} rounds; compute "
+                  f"{frame.timers['compute']:.2f} s (slowest rank), communication "
+                  f"{frame.timers['communication']:.2f} s")
+        return frame
+    except BaseException as err:
+        failure = None
+        if pool is not None:
+            failure = pool.claim_failure(wait_s=0.0 if isinstance(err, KeyboardInterrupt) else FAILURE_WAIT_S)
+        elif env is not None and dist.is_initialized():
+            failure = _torchrun_failure(plan.n)
+        if failure is not None:
+            raise failure from err
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        error_dir.cleanup()
+        torch.set_num_threads(threads_before)
