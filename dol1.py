@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",  # adam | sgd (with momentum)
     "step_size": 0.01,  # learning rate
     "momentum": 0.9,  # sgd only
-    "batch_size": 128,  # samples per mini-batch (per local step in block-wise modes)
+    "batch_size": 128,  # samples per mini-batch (per local step in block-wise modes); 0 = the largest that fits
     "rounds": 120,  # rounds to train (entire: one step per round; block-wise: K local steps per active block)
     "K": 1,  # local steps per block per round (block-wise modes)
     "block_update": "jacobi",  # jacobi (all blocks from the round's centre) | gauss_seidel (from the latest centre)
@@ -80,7 +80,7 @@ def validate(H: dict[str, Any]) -> None:
         _check(H[key] in valid, f"--{key} {H[key]!r} is not valid; valid: {sorted(valid)}")
     _check(H["K"] >= 1, f"--K must be >= 1, got {H['K']}")
     _check(H["rounds"] >= 0, f"--rounds must be >= 0, got {H['rounds']}")
-    _check(H["batch_size"] >= 1, f"--batch_size must be >= 1, got {H['batch_size']}")
+    _check(H["batch_size"] >= 0, f"--batch_size must be >= 1, or 0 for the largest that fits, got {H['batch_size']}")
     _check(H["step_size"] > 0, f"--step_size must be > 0, got {H['step_size']}")
     _check(0 < H["active_share"] <= 1, f"--active_share must be in (0, 1], got {H['active_share']}")
     _check(0 < H["gamma"] <= 1, f"--gamma must be in (0, 1], got {H['gamma']}")
@@ -187,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     n_params = sum(p.numel() for p in frame.center_model.parameters())
     frame.reporter = Reporter(H, paths.reports, run_info={
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
+        "batch_size": frame.H["batch_size"],
         "plugins": [repr(u) for u in frame.measure_units + frame.stopper_units]})
     print(f"dol1.py: run {frame.run_id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, "
           f"{n_params} parameters, on {frame.device}); report: {frame.reporter.path}", flush=True)

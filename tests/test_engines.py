@@ -169,3 +169,17 @@ def test_counters_and_sampling():
     assert frame.steps == 7 * 2 * 3 and frame.samples == 7 * 2 * 32
     last = frame.history[-1]
     assert last["compute_time"] > 0 and 0 < last["compute_time_share"] <= 1
+
+
+def test_batch_size_zero_probes_the_largest_that_fits():
+    frame = generate_ModelFrame(H_for("--batch_size", "0", "--training_mode", "entire"))
+    assert frame.H["batch_size"] == len(frame.data.train)  # a tiny MLP: the whole training set fits on the CPU
+    assert len(frame.train_batches[0][1]) == frame.H["batch_size"]
+
+
+@pytest.mark.parametrize("dataset", ["ones", "synthetic_regression", "diabetes"])
+@pytest.mark.parametrize("mode", ["entire", "blockwise_sequential"])
+def test_regression_datasets_build_in_every_mode(dataset, mode):
+    frame = run("--training_mode", mode, "--dataset_name", dataset, "--rounds", "2")
+    assert frame.task == "regression" and isinstance(frame.criterion, nn.MSELoss)
+    assert frame.history[-1]["loss"] >= 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -241,6 +242,13 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
                             voting_method=H["voting_method"]).to(device)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--config {H['config']!r} does not fit --model {H['model']}: {err}") from err
+    if H["batch_size"] == 0:  # 0 = the largest batch that fits in memory (probed), at most the training set
+        from src.utils import get_max_batch_size
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+            raise ConfigError("--batch_size 0 probes memory on each process, so torchrun ranks could disagree on "
+                              "the batch order; give an explicit --batch_size under torchrun")
+        sample = data.sample_batch("train", 1, H["seed"])[0][0]
+        H["batch_size"] = max(1, min(len(data.train), get_max_batch_size(model, sample, device)))
     units = list(units)
     frame_cls, criterion = FRAMES[(data.task, H["training_mode"] in BLOCKWISE_MODES)]
     kwargs = dict(H=H, device=device, center_model=model, data=data, criterion=criterion(), task=data.task,
