@@ -135,3 +135,20 @@ def test_brute_force_unit_refuses_large_models_before_training(tmp_path, capsys)
 def test_interaction_unit_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         HessianBlockInteractionMeasurement(**kwargs)
+
+
+class Bare(MeasurementUnit):
+    """A user's unit that skips super().__init__() and returns a tensor, not a dict."""
+
+    def __init__(self, scale=2.0):
+        self.scale = scale
+
+    def measure(self, frame):
+        return torch.full((2,), self.scale)
+
+
+def test_unit_without_super_init_returning_a_tensor(tmp_path):
+    f = units_file(tmp_path, "- test_plugins.Bare scale=3.0")
+    frame = dol1.main(TINY + ["--output_root", str(tmp_path), "--units_file", f, "--measurement_sampling_rate", "2"])
+    records = read_jsonl(tmp_path / "measurements" / f"Bare_{frame.run_id}.jsonl")
+    assert records == [{"round": 2, "value": [3.0, 3.0]}, {"round": 4, "value": [3.0, 3.0]}]

@@ -29,9 +29,9 @@ class MeasurementUnit(ABC):
     only within one run (the first write of a run starts a new file, moving an older one aside).
     """
 
-    def __init__(self) -> None:
-        self.log_path: Path | None = None
-        self.count = 0
+    # class-level defaults, so a subclass whose __init__ does not call super().__init__() still works
+    log_path: Path | None = None
+    count: int = 0
 
     @abstractmethod
     def measure(self, frame: Any) -> dict[str, Any]:
@@ -54,13 +54,26 @@ class MeasurementUnit(ABC):
         _archive(path)
         return path
 
-    def log_measurement(self, frame: Any, record: dict[str, Any]) -> None:
-        """Append ``record`` (with the round) as one JSON line to this unit's per-run log."""
+    def log_measurement(self, frame: Any, record: Any) -> None:
+        """Append ``record`` (with the round) as one JSON line to this unit's per-run log.
+
+        A dict is logged as its keys; any other value (a number, a list) under ``"value"``.
+        """
         if self.log_path is None:
             self.log_path = self._open(frame)
+        fields = record if isinstance(record, dict) else {} if record is None else {"value": record}
         with open(self.log_path, "a") as f:
-            f.write(json.dumps({"round": frame.round, **record}, default=float) + "\n")
+            f.write(json.dumps({"round": frame.round, **fields}, default=_jsonable) + "\n")
         self.count += 1
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for tensors and arrays (as nested lists, never truncated) and other numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return float(value)
 
 
 def _tensor_bytes(tensors: Any) -> int:

@@ -32,9 +32,9 @@ class StopperUnit(ABC):
     Stoppers never touch the model; they cost nothing.
     """
 
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.message: str | None = None
+    # class-level defaults, so a subclass whose __init__ does not call super().__init__() still works
+    reason: str | None = None
+    message: str | None = None
 
     @abstractmethod
     def check(self, metrics: Mapping[str, Any]) -> bool:
@@ -64,7 +64,6 @@ class NonFiniteStopper(StopperUnit):
     """Stops as soon as the training loss (or any monitored loss) is NaN or infinite. Always installed."""
 
     def __init__(self, monitors: tuple[str, ...] = ("loss", "test_loss")) -> None:
-        super().__init__()
         self.monitors = tuple(monitors)
 
     def check(self, metrics: Mapping[str, Any]) -> bool:
@@ -88,7 +87,6 @@ class EarlyStoppingStopper(StopperUnit):
 
     def __init__(self, monitor: str = "test_loss", patience: int = 10, min_delta: float = 0.0, mode: str = "auto",
                  divergence_threshold: float | None = None) -> None:
-        super().__init__()
         self.mode = _resolve_mode(monitor, mode)
         if int(patience) != patience or patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
@@ -136,7 +134,6 @@ class TargetStopper(StopperUnit):
     """
 
     def __init__(self, monitor: str = "test_accuracy", threshold: float = 0.99, mode: str = "auto") -> None:
-        super().__init__()
         self.mode = _resolve_mode(monitor, mode)
         self.monitor, self.threshold = monitor, float(threshold)
 
