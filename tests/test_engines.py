@@ -9,8 +9,8 @@ import dol1
 from src.Buliding_Units.Model_frames import (ImageClassifier_frame_blockwise, ImageClassifier_frame_entire,
                                              Regression_frame_blockwis, Regression_frame_entire, generate_ModelFrame)
 from src.Data import load_data
-from src.Optimizer_Engines.BCD_engine import (active_blocks, evaluate, local_steps, train_blockwise_sequential,
-                                              train_entire)
+from src.Optimizer_Engines.BCD_engine import (ENGINES, active_blocks, evaluate, local_steps,
+                                              train_blockwise_sequential, train_entire)
 
 TINY = ["--model", "mlp", "--config", "[16, 12]", "--dataset_name", "digits_flat", "--batch_size", "32",
         "--measurement_sampling_rate", "0", "--cuda_core", "-1", "--report_sampling_rate", "0"]
@@ -21,9 +21,8 @@ def H_for(*argv):
 
 
 def run(*argv, units=()):
+    """Build the frame for TINY + argv and train it with the engine dol1 would pick."""
     frame = generate_ModelFrame(H_for(*argv), units=units)
-    dol1.__dict__  # noqa: B018  (engines are looked up by name as dol1 does)
-    from src.Optimizer_Engines.BCD_engine import ENGINES
     return ENGINES[frame.H["training_mode"]](frame)
 
 
@@ -139,7 +138,7 @@ def test_deviation_is_measured_before_the_gather():
 
 def test_optimizer_state_survives_rounds():
     frame = run("--training_mode", "blockwise_sequential", "--rounds", "3", "--K", "2")
-    for b, opt in frame.block_optimizers.items():
+    for opt in frame.block_optimizers.values():
         states = list(opt.state.values())
         assert states and all(int(s["step"]) == 6 for s in states)
 

@@ -7,8 +7,8 @@ import torch
 
 import dol1
 from src.Buliding_Units import hessian
-from src.Buliding_Units.MeasurementUnit import (HessianBlockInteractionMeasurement, Hessian_measurement,
-                                                MeasurementUnit, Working_memory_usage)
+from src.Buliding_Units.MeasurementUnit import (HessianBlockInteractionMeasurement, MeasurementUnit,
+                                                Working_memory_usage)
 from src.Buliding_Units.Model_frames import Paths, generate_ModelFrame
 from src.Optimizer_Engines.BCD_engine import ENGINES
 
