@@ -109,7 +109,7 @@ def bench_block_step(steps: int) -> list[str]:
     return rows
 
 
-def bench_round(rounds: int) -> list[str]:
+def bench_round(rounds: int, units_file: str = "") -> list[str]:
     import tempfile
 
     import dol1
@@ -117,7 +117,7 @@ def bench_round(rounds: int) -> list[str]:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         frame = dol1.main(["--rounds", str(rounds), "--output_root", out, "--cuda_core", "-1",
-                           "--measurement_sampling_rate", str(max(1, rounds // 2))])
+                           "--measurement_sampling_rate", str(max(1, rounds // 2)), "--units_file", units_file])
         total = time.perf_counter() - t0
     timers = frame.timers
     rows = [f"Default run ({frame.H['model']} {frame.H['config']}, {frame.n_blocks} blocks, K = {frame.H['K']}, "

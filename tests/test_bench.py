@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts with tiny settings: they run, print their tables, and the ratios are sane."""
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_engines  # noqa: E402
+import bench_hessian  # noqa: E402
+
+
+def test_bench_hessian_smoke(capsys):
+    bench_hessian.main(["--width", "4", "--depth", "2", "--batch", "16", "--train-steps", "2", "--power-steps", "5",
+                        "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "naive power" in out and "dense exact" in out and "ours" in out
+    assert re.search(r"\| \(c\) ours.*\|", out)
+
+
+def test_bench_engines_tables():
+    entire = bench_engines.bench_entire(steps=3, repeats=1)
+    assert entire[2].startswith("| bare PyTorch loop") and entire[3].startswith("| train_entire")
+    ratio = float(entire[3].split("|")[3])
+    assert 0.2 < ratio < 5  # a smoke bound: both loops did the same work
+    block = bench_engines.bench_block_step(steps=2)
+    assert block[-1].startswith("| mean") and len(block) == 2 + 4 + 1  # header, 4 blocks of the default cnn, mean
+
+
+def test_bench_engines_round_breakdown(tmp_path):
+    units = tmp_path / "Units.txt"
+    units.write_text("- Working_memory_usage\n")  # the default Hessian unit would dominate a smoke run
+    rows = bench_engines.bench_round(rounds=2, units_file=str(units))
+    parts = {r.split("|")[1].strip(): r for r in rows if r.startswith("| ")}
+    assert {"compute", "communication", "logging", "measurement", "whole run"} <= set(parts)
