@@ -270,7 +270,7 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _archive(path: Path) -> None:
+def archive_existing(path: Path) -> None:
     """Move an existing file aside as ``<stem>.<n><suffix>`` (first free n), so nothing is silently replaced."""
     if not path.exists():
         return
@@ -299,8 +299,8 @@ class Reporter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"{self.run_id}.txt"
         self.metrics_path = self.dir / f"{self.run_id}.metrics.jsonl"
-        _archive(self.path)
-        _archive(self.metrics_path)
+        archive_existing(self.path)
+        archive_existing(self.metrics_path)
         self.status = "alive"
         info = {"torch": torch.__version__, "git_commit": git_commit(), **(run_info or {})}
         self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\n"

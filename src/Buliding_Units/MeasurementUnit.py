@@ -48,10 +48,10 @@ class MeasurementUnit(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
 
     def _open(self, frame: Any) -> Path:
-        from src.utils import _archive
+        from src.utils import archive_existing
         frame.paths.measurements.mkdir(parents=True, exist_ok=True)
         path = frame.paths.measurements / f"{type(self).__name__}_{frame.run_id}.jsonl"
-        _archive(path)
+        archive_existing(path)
         return path
 
     def log_measurement(self, frame: Any, record: Any) -> None:
