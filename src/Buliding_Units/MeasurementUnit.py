@@ -105,14 +105,15 @@ class Working_memory_usage(MeasurementUnit):
         mb = 1024.0 ** 2
         centre = model_bytes(frame.center_model)
         centre["optimizer_state"] = optimizer_state_bytes(getattr(frame, "optimizer", None))
+        replicas = getattr(frame, "distributed_models", {})  # absent in entire mode
         copies = {"parameters": 0, "buffers": 0, "gradients": 0, "optimizer_state": 0}
-        for b, replica in getattr(frame, "distributed_models", {}).items():
+        for b, replica in replicas.items():
             for key, value in model_bytes(replica).items():
                 copies[key] += value
             copies["optimizer_state"] += optimizer_state_bytes(frame.block_optimizers[b])
         record = {"center_MB": {k: v / mb for k, v in centre.items()},
                   "copies_MB": {k: v / mb for k, v in copies.items()},
-                  "n_copies": len(getattr(frame, "distributed_models", {})),
+                  "n_copies": len(replicas),
                   "total_MB": (sum(centre.values()) + sum(copies.values())) / mb}
         if frame.device.type == "cuda":
             record["cuda_peak_allocated_MB"] = torch.cuda.max_memory_allocated(frame.device) / mb
