@@ -10,18 +10,31 @@ write. Exit status: 0 finished or stopped by a stopper, 1 failed, 2 bad input (n
 """
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` finds `src`
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from src.Architectures.Models import MODELS  # noqa: E402 - after the path fix above
+from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, generate_ModelFrame  # noqa: E402
+from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_measurement_units  # noqa: E402
+from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
+from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402
+from src.Data import DATASETS  # noqa: E402
+from src.Optimizer_Engines import EngineSpec, engine_table, resolve_engine  # noqa: E402
+from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.Optimizer_Engines.worker_plan import torchrun_rank  # noqa: E402
+from src.plots import training_curve  # noqa: E402
+from src.reporting import Paths, Reporter, format_progress  # noqa: E402
+
 DEFAULTS: dict[str, Any] = {
     # --- what to train ---
-    "training_mode": "blockwise_sequential",  # blockwise (one process per block) | blockwise_sequential | entire
+    "training_mode": "blockwise_sequential",  # an engine of the table (see below) or a dotted path package.module.function
     "model": "residual_cnn",  # linear_nn | mlp | cnn | residual_cnn | cnn_ensemble | feedforward_ensemble | ResNet18 | ResNet34
     "config": [16, 32, 32],  # hidden widths / channels per block; a list of such lists for the ensembles
     "beta": 0.5,  # residual_cnn: out = act(beta*skip(x) + (1-beta)*F(x)), in [0, 1]
@@ -57,71 +70,63 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _CHOICES = {
-    "training_mode": ("blockwise", "blockwise_sequential", "entire"),
-    "block_update": ("gauss_seidel", "jacobi"),
+    "block_update": tuple(BLOCK_UPDATES),
     "voting_method": ("average", "random"),
+    "model": tuple(MODELS),
+    "dataset_name": tuple(DATASETS),
+    "optimizer": tuple(OPTIMIZERS),
 }
+_AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
+             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0}
 
 
 def _check(condition: bool, message: str) -> None:
-    from src.utils import ConfigError
     if not condition:
         raise ConfigError(message)
 
 
-def validate(H: dict[str, Any]) -> None:
-    """Check names and ranges without building anything; raises ConfigError naming the bad value and valid ones."""
-    from src.Architectures.Models import MODELS
-    from src.Buliding_Units.Model_frames import OPTIMIZERS
-    from src.Data import DATASETS
+def validate(H: dict[str, Any]) -> EngineSpec:
+    """Check names and ranges without building anything; returns the engine of ``H['training_mode']``.
 
-    tables = {**_CHOICES, "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS}
-    for key, valid in tables.items():
+    Raises:
+        ConfigError: naming the bad value and the valid ones.
+    """
+    spec = resolve_engine(H["training_mode"])
+    for key, valid in _CHOICES.items():
         _check(H[key] in valid, f"--{key} {H[key]!r} is not valid; valid: {sorted(valid)}")
-    _check(H["K"] >= 1, f"--K must be >= 1, got {H['K']}")
-    _check(H["rounds"] >= 0, f"--rounds must be >= 0, got {H['rounds']}")
-    _check(H["batch_size"] >= 0, f"--batch_size must be >= 1, or 0 for the largest that fits, got {H['batch_size']}")
+    for key, low in _AT_LEAST.items():
+        _check(H[key] >= low, f"--{key} must be >= {low}, got {H[key]}")
     _check(H["step_size"] > 0, f"--step_size must be > 0, got {H['step_size']}")
     _check(0 < H["active_share"] <= 1, f"--active_share must be in (0, 1], got {H['active_share']}")
     _check(0 < H["gamma"] <= 1, f"--gamma must be in (0, 1], got {H['gamma']}")
     _check(0 <= H["beta"] <= 1, f"--beta must be in [0, 1], got {H['beta']}")
-    _check(H["communication_delay"] >= 0, f"--communication_delay must be >= 0, got {H['communication_delay']}")
-    _check(H["n_workers"] >= 0, f"--n_workers must be >= 0 (0 = auto), got {H['n_workers']}")
-    _check(H["eval_samples"] >= 1, f"--eval_samples must be >= 1, got {H['eval_samples']}")
-    for key in ("report_sampling_rate", "measurement_sampling_rate", "early_stop_patience"):
-        _check(H[key] >= 0, f"--{key} must be >= 0, got {H[key]}")
     _check(isinstance(H["config"], list) and len(H["config"]) > 0,
            f"--config must be a non-empty list such as [8, 8] or [[16, 16], [32, 32]], got {H['config']!r}")
     _check(H["target_value"] is None or isinstance(H["target_value"], (int, float)),
            f"--target_value must be a number or None, got {H['target_value']!r}")
-    _check(not (H["training_mode"] == "blockwise" and H["block_update"] == "gauss_seidel"),
-           "--block_update gauss_seidel updates one block after another, so it cannot run in the multi-process "
-           "--training_mode blockwise; use --training_mode blockwise_sequential (valid block updates for "
-           "blockwise: ['jacobi'])")
+    _check(not spec.block_updates or H["block_update"] in spec.block_updates,
+           f"--block_update {H['block_update']} cannot run in --training_mode {spec.name}; valid block updates "
+           f"for {spec.name}: {list(spec.block_updates)} (gauss_seidel updates one block after another: use "
+           f"--training_mode blockwise_sequential)")
     stoppers(H)
+    return spec
 
 
-def stoppers(H: dict[str, Any]) -> list:
+def stoppers(H: dict[str, Any]) -> list[StopperUnit]:
     """The stoppers asked for by H's keys; the non-finite check is always first."""
-    from src.Buliding_Units.StopperUnit import EarlyStoppingStopper, NonFiniteStopper, TargetStopper
-    from src.utils import ConfigError
+    return stoppers_from_settings(H)
 
-    units: list = [NonFiniteStopper()]
-    try:
-        if H["early_stop_patience"] > 0:
-            units.append(EarlyStoppingStopper(H["early_stop_monitor"], H["early_stop_patience"],
-                                              H["early_stop_min_delta"]))
-        if H["target_value"] is not None:
-            units.append(TargetStopper(H["target_monitor"], H["target_value"]))
-    except ValueError as err:
-        raise ConfigError(f"stopper settings: {err}") from err
-    return units
+
+def _help_texts() -> dict[str, str]:
+    texts = key_comments(Path(__file__).read_text())
+    engines = "; ".join(f"{name} ({spec.summary.rstrip('.')})" for name, spec in engine_table().items())
+    texts["training_mode"] = f"{texts['training_mode']}. Engines: {engines}"
+    return texts
 
 
 def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` against DEFAULTS and validate; argparse errors exit 2, other bad values raise ConfigError."""
-    from src.utils import key_comments, parse_arguments
-    H = parse_arguments(DEFAULTS, argv, help_texts=key_comments(Path(__file__).read_text()), prog="dol1.py",
+    H = parse_arguments(DEFAULTS, argv, help_texts=_help_texts(), prog="dol1.py",
                         description=__doc__.split("\n\n")[0])
     validate(H)
     return H
@@ -134,14 +139,13 @@ def _interrupt(signum: int, _frame: Any) -> None:
 class _Progress:
     """tqdm on a terminal; plain progress lines otherwise (tqdm garbles redirected logs)."""
 
-    def __init__(self, frame: Any):
+    def __init__(self, frame: Frame):
         self.frame, self.seen, self.bar = frame, 0, None
         if sys.stdout.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # only on a terminal
             self.bar = tqdm(total=frame.H["rounds"], unit="round", initial=frame.round)
 
     def __call__(self, done: int, total: int) -> None:
-        from src.Optimizer_Engines.BCD_engine import format_progress
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             if self.frame.history:
@@ -158,49 +162,54 @@ class _Progress:
             self(self.frame.round, self.frame.H["rounds"])
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Run one experiment; returns the trained Frame (history, models, stop reason)."""
-    from src.Buliding_Units.Model_frames import Paths, generate_ModelFrame
-    from src.Optimizer_Engines.BCD_engine import ENGINES
-    from src.plots import training_curve
-    from src.utils import ConfigError, Reporter, parse_measurement_units
+def build(H: dict[str, Any], spec: EngineSpec) -> Frame:
+    """Plugins, frame and reporter for a resolved configuration.
 
-    try:
-        H = resolve_config(argv)
-        if H["training_mode"] == "blockwise":
-            from src.Optimizer_Engines.distributed_engine import torchrun_rank, torchrun_worker
-            if torchrun_rank() > 0:  # torchrun rank > 0: follow rank 0, write nothing
-                torchrun_worker(H)
-                return None
-        paths = Paths(Path(H["output_root"]).resolve() if H["output_root"] else PROJECT_ROOT)
-        units = parse_measurement_units(H["units_file"] or PROJECT_ROOT / "measurements" / "Units.txt")
-        frame = generate_ModelFrame(H, units=stoppers(H) + units, paths=paths)
-        for unit in frame.measure_units:
-            try:
-                unit.prepare(frame)
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-    except ConfigError as err:
-        print(f"dol1.py: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
+    Raises:
+        ConfigError: a bad units file, data that cannot be loaded, a model that does not fit, a unit that
+            cannot measure this model.
+    """
+    paths = Paths.for_output_root(H["output_root"])
+    units = parse_measurement_units(H["units_file"] or DEFAULT_UNITS_FILE)
+    frame = generate_ModelFrame(H, units=stoppers(H) + units, paths=paths, block_copies=spec.block_copies)
+    for unit in frame.measure_units:
+        try:
+            unit.prepare(frame)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     n_params = sum(p.numel() for p in frame.center_model.parameters())
     frame.reporter = Reporter(H, paths.reports, run_info={
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
-        "batch_size": frame.H["batch_size"],
+        "batch_size": frame.H["batch_size"], "engine": f"{spec.function.__module__}.{spec.function.__qualname__}",
         "plugins": [repr(u) for u in frame.measure_units + frame.stopper_units]})
     print(f"dol1.py: run {frame.run_id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, "
           f"{n_params} parameters, on {frame.device}); report: {frame.reporter.path}", flush=True)
+    return frame
+
+
+def _summary(frame: Frame) -> str:
+    last = frame.history[-1] if frame.history else {}
+    values = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy")
+                       if k in last and isinstance(last[k], float) and math.isfinite(last[k]))
+    return (f"dol1.py: {frame.reporter.status} after {frame.round} rounds "
+            f"({last.get('wall_time', 0.0):.1f} s): {values}")
+
+
+def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] | None = None) -> Frame:
+    """Run the engine, draw the training curve and close the report (finished, stopped, failed or interrupted)."""
+    H = frame.H
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM,)}
-    progress = _Progress(frame)
+    progress = progress or _Progress(frame)
     try:
-        ENGINES[H["training_mode"]](frame, progress)
-        progress.close()
-        figure = paths.figures / f"training_curve_{frame.run_id}"
+        spec.run(frame, progress)
+        if hasattr(progress, "close"):
+            progress.close()
+        figure = frame.paths.figures / f"training_curve_{frame.run_id}"
         training_curve(frame.history, figure, title=f"{frame.run_id}: {H['training_mode']}, {H['model']}")
         frame.log(f"Training curve: {figure}.pdf")
     except KeyboardInterrupt:
-        progress.close()
+        if hasattr(progress, "close"):
+            progress.close()
         frame.reporter.finish("interrupted", "SIGINT/SIGTERM")
         print(f"dol1.py: interrupted; report: {frame.reporter.path}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -210,16 +219,24 @@ def main(argv: Sequence[str] | None = None) -> Any:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if frame.stop_reason:
-        frame.reporter.finish("stopped", frame.stop_reason)
-    else:
-        frame.reporter.finish("finished")
-    last = frame.history[-1]
-    summary = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy")
-                        if k in last)
-    print(f"dol1.py: {frame.reporter.status} after {frame.round} rounds ({last['wall_time']:.1f} s): {summary}",
-          flush=True)
+    frame.reporter.finish("stopped", frame.stop_reason) if frame.stop_reason else frame.reporter.finish("finished")
+    print(_summary(frame), flush=True)
     return frame
+
+
+def main(argv: Sequence[str] | None = None) -> Frame | None:
+    """Run one experiment: resolve → build → train; returns the trained Frame (None on a torchrun rank > 0)."""
+    try:
+        H = resolve_config(argv)
+        spec = resolve_engine(H["training_mode"])
+        if spec.torchrun_worker is not None and torchrun_rank() > 0:  # follow rank 0, write nothing
+            spec.torchrun_worker(H)
+            return None
+        frame = build(H, spec)
+    except ConfigError as err:
+        print(f"dol1.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return train(frame, spec)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ ended while no master watched are judged from their report, failed runs retried 
 interrupted runs run again (an attempt, but not a failure). Ctrl-C / SIGTERM stops every run (SIGTERM, then SIGKILL
 after ``--grace`` seconds; a second Ctrl-C kills at once) and marks them interrupted.
 
-At the end: a table of the runs (printed, and written as ``figures/sweep_summary_<sweep id>.md``) and a figure
+At the end (``src/Sweeps/summary.py``): a table of the runs (printed, and written as
+``figures/sweep_summary_<sweep id>.md``) and a figure
 ``figures/sweep_<sweep id>.{pdf,png}``: for a step_size × K grid the best step size per K (lowest final training
 loss; a diverged run is never the best) and its loss against rounds, otherwise the loss of every run against rounds.
 
@@ -30,21 +31,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import math
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-TABLE_METRICS = ("loss", "test_loss", "test_accuracy")
+if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any working directory
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+import dol1  # noqa: E402 - after the path fix above
+from src import Sweeps as sw  # noqa: E402
+from src.cli import ConfigError  # noqa: E402
+
+# the end-of-sweep helpers, under the names tests and users imported from master.py
+figure_curves, summary_table, sweep_figure = sw.figure_curves, sw.summary_table, sw.sweep_figure
+_LIMITS = {"runs_per_gpu": 1, "cpu_slots": 1, "max_attempts": 1, "grace": 0, "poll_interval": 0.01}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of master.py."""
-    from src.launchers import cpu_cores
-
     parser = argparse.ArgumentParser(prog="master.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--grid", help="JSON object: dol1.py key -> list of values")
@@ -52,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", help='JSON file {"grid": {...}, "fixed": {...}} (--grid/--fixed override it)')
     parser.add_argument("--tracker", default=str(PROJECT_ROOT / "progress_tracker.json"), help="progress tracker")
     parser.add_argument("--runs_per_gpu", type=int, default=1, help="runs packed on each GPU")
-    parser.add_argument("--cpu_slots", type=int, default=max(1, cpu_cores() // 2),
+    parser.add_argument("--cpu_slots", type=int, default=max(1, sw.cpu_cores() // 2),
                         help="parallel runs without GPUs (default: half the cores)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are visible")
     parser.add_argument("--max_attempts", type=int, default=2, help="failed attempts before a run is given up")
@@ -64,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(argv: list[str]) -> dict[str, Any]:
     """dol1.py's resolve_config, with argparse's usage screen reduced to its error line."""
-    import dol1
-    from src.utils import ConfigError
-
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -82,12 +85,11 @@ class Display:
     def __init__(self, runs: list, scheduler: Any):
         self.runs, self.scheduler, self.bar = runs, scheduler, None
         if sys.stdout.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # only on a terminal
             self.bar = tqdm(total=sum(r.H["rounds"] for r in runs), unit="round", desc="sweep", dynamic_ncols=True)
 
     def say(self, text: str) -> None:
-        from src.sweep import now
-        line = f"[{now()[11:]}] {text}"
+        line = f"[{sw.now()[11:]}] {text}"
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -126,97 +128,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
-
-
-def summary_table(runs: list, entries: dict[str, dict[str, Any]], grid: dict[str, list]) -> str:
-    """A Markdown table: run id, the grid values, status, attempts, rounds and the final metrics of each run."""
-    from src.sweep import read_metrics
-
-    header = ["run", *grid, "status", "attempts", "rounds", *TABLE_METRICS]
-    rows = []
-    for run in runs:
-        entry = entries[run.run_id]
-        last = (read_metrics(run.metrics, last_only=True) or [{}])[0]
-        rows.append([run.run_id, *(run.grid_values[k] for k in grid), entry["status"], entry["attempts"],
-                     f"{entry['rounds_done']}/{entry['rounds_total']}", *(last.get(m) for m in TABLE_METRICS)])
-    cells = [header] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines) + "\n"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _final_loss(records: list[dict[str, Any]]) -> float:
-    """The last recorded training loss; +inf when it is missing or not finite (a diverged run is never the best)."""
-    loss = records[-1].get("loss") if records else None
-    return loss if _finite(loss) else math.inf
-
-
-def figure_curves(runs: list, grid: dict[str, list]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The curves of the sweep figure as (legend label, metrics records), in the order they are drawn.
-
-    For a step_size × K grid: per K, the run with the lowest final training loss (non-finite losses lose); else
-    every run that recorded a loss.
-    """
-    from src.sweep import read_metrics
-
-    curves = {run.run_id: read_metrics(run.metrics) for run in runs}
-    curves = {rid: records for rid, records in curves.items() if records and "loss" in records[-1]}
-    if {"step_size", "K"} <= set(grid):
-        best: dict[Any, Any] = {}
-        for run in runs:
-            K = run.grid_values["K"]
-            if run.run_id in curves and (K not in best or _final_loss(curves[run.run_id])
-                                         < _final_loss(curves[best[K].run_id])):
-                best[K] = run
-        shown = [(f"K={K}, best step_size={run.grid_values['step_size']:g}", run) for K, run in sorted(best.items())]
-    else:
-        shown = [(", ".join(f"{k}={v}" for k, v in run.grid_values.items()) or run.run_id, run)
-                 for run in runs if run.run_id in curves]
-    finals = {run.run_id: _final_loss(curves[run.run_id]) for _, run in shown}
-    return [(f"{label} (" + (f"final {finals[run.run_id]:.3g}" if math.isfinite(finals[run.run_id]) else "diverged")
-             + ")", curves[run.run_id]) for label, run in shown]
-
-
-def sweep_figure(runs: list, grid: dict[str, list], path: Path, title: str) -> list[Path]:
-    """Loss against rounds (see :func:`figure_curves` for which runs), written as .pdf and .png."""
-    shown = figure_curves(runs, grid)
-    import matplotlib
-    matplotlib.use("Agg")  # no display; set here, never at import
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, records in shown:
-        points = [(r["round"], r["loss"]) for r in records if _finite(r.get("loss"))]  # diverged: NaN or inf
-        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-    if shown and all(r["loss"] > 0 for _, records in shown for r in records if _finite(r.get("loss"))):
-        ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel("training loss")
-    what = "best step size per K (lowest final training loss)" if {"step_size", "K"} <= set(grid) else "every run"
-    ax.set_title(f"{title}: {what}", fontsize="medium")
-    ax.grid(alpha=0.3, which="both")
-    if shown:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = [path.with_suffix(".pdf"), path.with_suffix(".png")]
-    for target in written:
-        fig.savefig(target)
-    plt.close(fig)
-    return written
-
-
 def _dry_run(runs: list, slots: list, tracker: Path, sweep_id: str) -> None:
-    from src.sweep import read_tracker
-
-    known = read_tracker(tracker)["runs"]
+    known = sw.read_tracker(tracker)["runs"]
     print(f"sweep {sweep_id}: {_count(len(runs), 'run')}; tracker {tracker}")
     devices = sorted({slot.device for slot in slots})
     print(f"device plan: {_count(len(slots), 'slot')} on {', '.join(devices)}; each child: "
@@ -227,37 +140,33 @@ def _dry_run(runs: list, slots: list, tracker: Path, sweep_id: str) -> None:
     print("dry run: nothing started")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run (or resume) a sweep; exits with the status described in the module docstring."""
-    if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any working directory
-        sys.path.insert(0, str(PROJECT_ROOT))
-    import dol1
-    from src import launchers
-    from src import sweep as sw
+def _fail(message: str, status: int) -> None:
+    print(f"master.py: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
 
-    args = build_parser().parse_args(argv)
-    limits = {"runs_per_gpu": 1, "cpu_slots": 1, "max_attempts": 1, "grace": 0, "poll_interval": 0.01}
-    for name, low in limits.items():
+
+def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[str, Any], str, list[sw.Slot]]:
+    """Check the command line and expand the sweep; exits 2 on bad input, before anything starts."""
+    for name, low in _LIMITS.items():
         if getattr(args, name) < low:
-            print(f"master.py: error: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
-            raise SystemExit(2)
-    tracker = Path(args.tracker).resolve()
+            _fail(f"--{name} must be >= {low}, got {getattr(args, name)}", 2)
     try:
         grid, fixed = sw.load_spec(args.grid, args.fixed, args.sweep)
         if not grid and not fixed:
             raise sw.SweepError("nothing to sweep: give --grid and/or --fixed, or --sweep FILE")
         runs = sw.expand(grid, fixed, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT)
-        sw.read_tracker(tracker)  # a broken tracker is bad input too, found before anything starts
+        sw.read_tracker(Path(args.tracker))  # a broken tracker is bad input too, found before anything starts
     except sw.SweepError as err:
-        print(f"master.py: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    sweep_id = sw.sweep_hash(grid, fixed)
-    gpus = [] if args.cpu else launchers.visible_gpus()
-    slots = launchers.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, launchers.cpu_cores())
-    if args.dry_run:
-        _dry_run(runs, slots, tracker, sweep_id)
-        return 0
+        _fail(str(err), 2)
+    gpus = [] if args.cpu else sw.visible_gpus()
+    slots = sw.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, sw.cpu_cores())
+    return runs, grid, fixed, sw.sweep_hash(grid, fixed), slots
 
+
+def execute(args: argparse.Namespace, runs: list[sw.Run], grid: dict[str, list], fixed: dict[str, Any],
+            sweep_id: str, slots: list[sw.Slot]) -> sw.Scheduler:
+    """Run the sweep under the tracker's lock, with Ctrl-C / SIGTERM turned into a graceful stop."""
+    tracker = Path(args.tracker).resolve()
     tracker.parent.mkdir(parents=True, exist_ok=True)
     try:
         with sw.tracker_lock(tracker):
@@ -274,28 +183,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     previous[sig] = signal.signal(sig, lambda signum, frame: scheduler.request_stop())
             try:
-                statuses = scheduler.run()
+                scheduler.run()
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 display.close()
     except sw.TrackerLocked as err:
-        print(f"master.py: error: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+        _fail(str(err), 3)
+    return scheduler
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) a sweep: plan → execute → summarise; exits with the status in the module docstring."""
+    args = build_parser().parse_args(argv)
+    runs, grid, fixed, sweep_id, slots = plan(args)
+    if args.dry_run:
+        _dry_run(runs, slots, Path(args.tracker).resolve(), sweep_id)
+        return 0
+    scheduler = execute(args, runs, grid, fixed, sweep_id, slots)
     root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
-    table = summary_table(runs, scheduler.data["runs"], grid)
+    table, summary, figure = sw.write_summary(runs, scheduler.data["runs"], grid, fixed, sweep_id, root)
     print(table, end="")
-    summary = root / "figures" / f"sweep_summary_{sweep_id}.md"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \nfixed: `{json.dumps(fixed)}`\n\n"
-                       + table)
-    figure = sweep_figure(runs, grid, root / "figures" / f"sweep_{sweep_id}", f"sweep {sweep_id}")
     print(f"summary: {summary}\nfigure: {', '.join(map(str, figure))}")
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)
-    failed = [rid for rid, status in statuses.items() if status != "done"]
+    failed = [run.run_id for run in runs if scheduler.entry(run)["status"] != "done"]
     if failed:
         print(f"master.py: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

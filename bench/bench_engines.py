@@ -71,7 +71,7 @@ def bench_block_step(steps: int) -> list[str]:
 
     import dol1
     from src.Buliding_Units.Model_frames import generate_ModelFrame, make_optimizer
-    from src.Optimizer_Engines.BCD_engine import local_steps
+    from src.Optimizer_Engines.loop import local_steps
 
     H = dol1.resolve_config(["--model", "cnn", "--cuda_core", "-1"])
     frame = generate_ModelFrame(H)

@@ -1,7 +1,7 @@
 """Figures: training curves and block heat-maps (matplotlib, Agg backend, imported lazily).
 
-Plotting never alters the arrays it is given (the first implementation row-normalised the Hessian matrix in place
-before it was logged).
+Plotting never alters the arrays it is given: a heat-map copies its matrix before any scaling, so the values a
+measurement unit logs are the values it measured. Ground floor: imports nothing of the project.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), chosen here rather than at import."""
     import matplotlib
     matplotlib.use("Agg")  # no display; set here, not at import of this module
     import matplotlib.pyplot as plt
@@ -20,7 +21,7 @@ def _pyplot():
 
 def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> list[Path]:
     """Loss and accuracy (train and test) against rounds and against wall time; writes ``path`` (.pdf and .png)."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
     for row, metric in enumerate(metrics):
@@ -44,7 +45,7 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
 def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str] | None = None,
             colorbar_label: str = "", log_scale: bool = False) -> list[Path]:
     """A labelled B×B heat-map with a colour bar, written as PDF and PNG. The input is copied, never modified."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     values = np.array(matrix, dtype=float, copy=True)

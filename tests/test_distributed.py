@@ -19,9 +19,9 @@ import torch
 
 import dol1
 from src.Buliding_Units.MeasurementUnit import MeasurementUnit
-from src.Optimizer_Engines.BCD_engine import active_blocks
-from src.Optimizer_Engines.distributed_engine import TorchrunEnv, plan_workers, torchrun_env
-from src.utils import read_report
+from src.Optimizer_Engines.loop import active_blocks
+from src.Optimizer_Engines.worker_plan import TorchrunEnv, plan_workers, torchrun_env
+from src.reporting import read_report
 
 pytestmark = pytest.mark.slow
 

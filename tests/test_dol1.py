@@ -9,7 +9,7 @@ import pytest
 
 import dol1
 from src.Buliding_Units.MeasurementUnit import MeasurementUnit
-from src.utils import read_report
+from src.reporting import read_report
 
 ROOT = Path(dol1.__file__).resolve().parent
 TINY = ["--model", "mlp", "--config", "[16]", "--dataset_name", "digits_flat", "--rounds", "6", "--batch_size", "32",

@@ -1,4 +1,4 @@
-"""master.py, src/sweep.py, src/launchers.py: a CPU sweep end to end, resume after kill -9 and after SIGTERM, retries,
+"""master.py and src/Sweeps: a CPU sweep end to end, resume after kill -9 and after SIGTERM, retries,
 dry run, input checks.
 
 Every run is a real dol1.py process on a tiny MLP; outputs and trackers live under tmp_path.
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import master
-from src import launchers, sweep
-from src.utils import read_report
+from src import Sweeps as sweep
+from src.Sweeps import launchers
+from src.reporting import read_report
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ import dol1
 from src.Buliding_Units import hessian
 from src.Buliding_Units.MeasurementUnit import (HessianBlockInteractionMeasurement, MeasurementUnit,
                                                 Working_memory_usage)
-from src.Buliding_Units.Model_frames import Paths, generate_ModelFrame
-from src.Optimizer_Engines.BCD_engine import ENGINES
+from src.Buliding_Units.Model_frames import generate_ModelFrame
+from src.reporting import Paths
+from src.Optimizer_Engines.BCD_engine import train_blockwise_sequential, train_entire
 
 TINY = ["--model", "mlp", "--config", "[6, 5]", "--dataset_name", "digits_flat", "--rounds", "4", "--batch_size", "32",
         "--report_sampling_rate", "2", "--cuda_core", "-1"]
@@ -44,7 +45,7 @@ def test_measurement_sampling_rate(tmp_path, rate, rounds, expected):
 
 def test_memory_unit_hand_count():
     H = dol1.resolve_config(TINY + ["--training_mode", "blockwise_sequential", "--rounds", "2"])
-    frame = ENGINES["blockwise_sequential"](generate_ModelFrame(H))
+    frame = train_blockwise_sequential(generate_ModelFrame(H))
     record = Working_memory_usage().measure(frame)
     n = 64 * 6 + 6 + 6 * 5 + 5 + 5 * 10 + 10  # parameters of the 3-block MLP
     sizes = [64 * 6 + 6, 6 * 5 + 5, 5 * 10 + 10]
@@ -63,7 +64,7 @@ def test_memory_unit_hand_count():
 
 def test_memory_unit_entire_mode_counts_the_optimizer():
     H = dol1.resolve_config(TINY + ["--training_mode", "entire", "--rounds", "2"])
-    frame = ENGINES["entire"](generate_ModelFrame(H))
+    frame = train_entire(generate_ModelFrame(H))
     record = Working_memory_usage().measure(frame)
     n = sum(p.numel() for p in frame.center_model.parameters())
     assert record["n_copies"] == 0 and record["center_MB"]["gradients"] == pytest.approx(4 * n / 2**20)
@@ -73,7 +74,7 @@ def test_memory_unit_entire_mode_counts_the_optimizer():
 def test_interaction_unit_leaves_a_batchnorm_model_unchanged(tmp_path):
     H = dol1.resolve_config(["--model", "cnn", "--config", "[3, 3]", "--training_mode", "entire", "--rounds", "2",
                              "--cuda_core", "-1", "--measurement_sampling_rate", "0", "--batch_size", "16"])
-    frame = ENGINES["entire"](generate_ModelFrame(H, paths=Paths(tmp_path)))
+    frame = train_entire(generate_ModelFrame(H, paths=Paths(tmp_path)))
     frame.center_model.train()
     before = copy.deepcopy(frame.center_model.state_dict())
     grads = [p.grad.clone() for p in frame.center_model.parameters()]

@@ -6,8 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from src.utils import (ConfigError, Reporter, copy_block, copy_model, get_max_batch_size, key_comments,
-                       parse_arguments, parse_measurement_units, read_report, run_id, set_seed)
+from src.batch_probe import get_max_batch_size
+from src.blocks import copy_block, copy_model
+from src.Buliding_Units.plugins import parse_measurement_units
+from src.cli import ConfigError, key_comments, parse_arguments
+from src.reporting import Reporter, read_report, run_id
+from src.utils import set_seed
 
 DEFAULTS = {"config": [8, 8], "step_size": 0.01, "rounds": 3, "flag": False, "name": "cnn", "target": None,
             "table": {"a": 1}}
@@ -189,7 +193,7 @@ def test_parse_units_errors(tmp_path, line, needles):
 
 def test_max_batch_size_cuda_probe_catches_out_of_memory():
     """The CUDA probe's forward+backward and OOM handling, run on the CPU with a model that 'runs out' above 37."""
-    from src.utils import _cuda_fits
+    from src.batch_probe import _cuda_fits
 
     class Greedy(nn.Module):
         def __init__(self):

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from src.Buliding_Units import hessian
+from src.plots import heatmap
+from src.reporting import archive_existing
 
 
 class MeasurementUnit(ABC):
@@ -48,7 +50,6 @@ class MeasurementUnit(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
 
     def _open(self, frame: Any) -> Path:
-        from src.utils import archive_existing
         frame.paths.measurements.mkdir(parents=True, exist_ok=True)
         path = frame.paths.measurements / f"{type(self).__name__}_{frame.run_id}.jsonl"
         archive_existing(path)
@@ -159,7 +160,6 @@ class _HessianUnit(MeasurementUnit):
         return model, inputs, targets
 
     def _figures(self, frame: Any, matrices: dict[str, torch.Tensor]) -> list[str]:
-        from src.plots import heatmap
         folder = frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
         labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
         written = []

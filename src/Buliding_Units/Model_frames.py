@@ -18,37 +18,29 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from src.utils import PROJECT_ROOT, ConfigError
+from src.Architectures.Models import build_model
+from src.batch_probe import get_max_batch_size
+from src.blocks import block_tensors
+from src.Buliding_Units.StopperUnit import StopperUnit
+from src.cli import ConfigError
+from src.Data import TaskData, load_data
+from src.Optimizer_Engines import resolve_engine
+from src.reporting import Paths, run_id
+from src.utils import set_seed
+
+__all__ = ["FRAMES", "OPTIMIZERS", "Disributed_frame", "Frame", "ImageClassifier_frame_blockwise",
+           "ImageClassifier_frame_entire", "Paths", "Regression_frame_blockwis", "Regression_frame_entire",
+           "generate_ModelFrame", "make_optimizer", "select_device"]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, H: torch.optim.Adam(params, lr=H["step_size"]),
     "sgd": lambda params, H: torch.optim.SGD(params, lr=H["step_size"], momentum=H.get("momentum", 0.9)),
 }
-
-
-@dataclass
-class Paths:
-    """Where a run writes: reports, figures and measurement logs (all under one root)."""
-
-    root: Path = PROJECT_ROOT
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def measurements(self) -> Path:
-        return self.root / "measurements"
 
 
 def select_device(cuda_core: int) -> torch.device:
@@ -79,7 +71,7 @@ class Frame:
     H: dict[str, Any]
     device: torch.device
     center_model: nn.Module
-    data: Any  # src.Data.TaskData
+    data: TaskData
     criterion: nn.Module
     task: str = "classification"
     reporter: Any = None
@@ -102,7 +94,6 @@ class Frame:
 
     @property
     def run_id(self) -> str:
-        from src.utils import run_id
         return self.reporter.run_id if self.reporter is not None else run_id(self.H)
 
     @property
@@ -126,10 +117,6 @@ class ImageClassifier_frame_entire(Frame):
 
 class Regression_frame_entire(ImageClassifier_frame_entire):
     """Whole-model training of a regressor (MSE in every mode; no accuracy)."""
-
-
-def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
-    return list(block.parameters()) + list(block.buffers())
 
 
 class Disributed_frame(Frame):
@@ -167,7 +154,7 @@ class Disributed_frame(Frame):
         gamma = self.H.get("gamma", 1.0)
         source = self.distributed_models[b].blocks[b] if source is None else source
         with torch.no_grad():
-            for dst, src in zip(_block_tensors(self.center_model.blocks[b]), _block_tensors(source)):
+            for dst, src in zip(block_tensors(self.center_model.blocks[b]), block_tensors(source)):
                 if gamma == 1.0 or not dst.is_floating_point():
                     dst.copy_(src)
                 else:
@@ -180,8 +167,8 @@ class Disributed_frame(Frame):
         with torch.no_grad():
             for c in targets:
                 for b in blocks:
-                    for dst, src in zip(_block_tensors(self.distributed_models[c].blocks[b]),
-                                        _block_tensors(self.center_model.blocks[b])):
+                    for dst, src in zip(block_tensors(self.distributed_models[c].blocks[b]),
+                                        block_tensors(self.center_model.blocks[b])):
                         dst.copy_(src)
 
     def communicate(self, blocks: Iterable[int]) -> float:
@@ -211,26 +198,23 @@ FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
     ("regression", False): (Regression_frame_entire, nn.MSELoss),
     ("regression", True): (Regression_frame_blockwis, nn.MSELoss),
 }
-BLOCKWISE_MODES = ("blockwise", "blockwise_sequential")
 
 
 def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = None, reporter: Any = None,
                         units: Iterable[Any] = (), owned_blocks: Iterable[int] | None = None,
-                        paths: Paths | None = None) -> Frame:
+                        paths: Paths | None = None, block_copies: bool | None = None) -> Frame:
     """Build data, model, criterion and the right frame for ``H``.
 
     The centre model is created right after ``set_seed(H['seed'])``, so every process building the same H gets
-    the same initial weights.
+    the same initial weights. Whether the frame holds one model copy per block (a ``Disributed_frame``) is the
+    engine's choice, read from the engine table for ``H['training_mode']`` unless ``block_copies`` says it.
 
     Raises:
-        ConfigError: the dataset cannot be loaded or the config does not fit the model.
+        ConfigError: the dataset cannot be loaded, the config does not fit the model, or the mode is unknown.
     """
-    from src.Architectures.Models import build_model
-    from src.Buliding_Units.StopperUnit import StopperUnit
-    from src.Data import load_data
-    from src.utils import set_seed
-
     H = dict(H)
+    if block_copies is None:
+        block_copies = resolve_engine(H["training_mode"]).block_copies
     device = device if device is not None else select_device(H["cuda_core"])
     try:
         data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"])
@@ -243,14 +227,13 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--config {H['config']!r} does not fit --model {H['model']}: {err}") from err
     if H["batch_size"] == 0:  # 0 = the largest batch that fits in memory (probed), at most the training set
-        from src.utils import get_max_batch_size
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
             raise ConfigError("--batch_size 0 probes memory on each process, so torchrun ranks could disagree on "
                               "the batch order; give an explicit --batch_size under torchrun")
         sample = data.sample_batch("train", 1, H["seed"])[0][0]
         H["batch_size"] = max(1, min(len(data.train), get_max_batch_size(model, sample, device)))
     units = list(units)
-    frame_cls, criterion = FRAMES[(data.task, H["training_mode"] in BLOCKWISE_MODES)]
+    frame_cls, criterion = FRAMES[(data.task, block_copies)]
     kwargs = dict(H=H, device=device, center_model=model, data=data, criterion=criterion(), task=data.task,
                   reporter=reporter, measure_units=[u for u in units if not isinstance(u, StopperUnit)],
                   stopper_units=[u for u in units if isinstance(u, StopperUnit)], paths=paths or Paths())

@@ -12,6 +12,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
+from src.cli import ConfigError
+
 MONITORS = ("loss", "accuracy", "test_loss", "test_accuracy")
 
 
@@ -149,3 +151,21 @@ class TargetStopper(StopperUnit):
         if reached:
             return self._stop("target", f"{self.monitor} = {value:.6g} reached the target {self.threshold}")
         return False
+
+
+def stoppers_from_settings(H: Mapping[str, Any]) -> list[StopperUnit]:
+    """The stoppers asked for by ``dol1.py``'s keys; the non-finite check is always first.
+
+    Raises:
+        ConfigError: a monitor, patience or delta the stoppers reject.
+    """
+    units: list[StopperUnit] = [NonFiniteStopper()]
+    try:
+        if H["early_stop_patience"] > 0:
+            units.append(EarlyStoppingStopper(H["early_stop_monitor"], H["early_stop_patience"],
+                                              H["early_stop_min_delta"]))
+        if H["target_value"] is not None:
+            units.append(TargetStopper(H["target_monitor"], H["target_value"]))
+    except ValueError as err:
+        raise ConfigError(f"stopper settings: {err}") from err
+    return units

@@ -19,7 +19,7 @@ schedule. Its counters are the global ones: ``steps`` += active blocks × K per 
 (waiting, collectives, delay, scatter), so the two add up to the round's wall time; ``bytes_sent`` counts block
 payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) bytes per round, are left out).
 
-Launch: ``run_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins the process
+Launch: ``train_blockwise_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins the process
 group from the environment while ``dol1.py`` sends ranks > 0 to ``torchrun_worker``. ``n_workers = 0`` means one
 worker per block, capped at the CPU cores this process may use (CPU) or at the visible GPUs (CUDA).
 
@@ -37,116 +37,24 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame
-from src.Optimizer_Engines.BCD_engine import active_blocks, local_steps, round_batches, sync, training_loop
-from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus,
-                                               free_port)
+from src.blocks import block_tensors
+from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
+from src.Optimizer_Engines import register_engine
+from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
+                                               torchrun_plan)
+from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus, free_port
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
 FAIL_RANK_ENV, FAIL_ROUND_ENV = "BLOCKWISE_TEST_FAIL_RANK", "BLOCKWISE_TEST_FAIL_ROUND"
 _ERROR_KEY = "blockwise/error/{rank}"  # torchrun: a failing rank leaves its traceback in the rendezvous store
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Planning (pure)
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerPlan:
-    """Who runs where: ``n`` ranks, the process-group ``backend``, each rank's ``devices[rank]``, the blocks each
-    rank owns ``assignment[rank]`` (round-robin: block b → rank b % n) and ``threads`` per process."""
-
-    n: int
-    backend: str
-    devices: tuple[str, ...]
-    assignment: tuple[tuple[int, ...], ...]
-    threads: int
-
-    def owner(self, block: int) -> int:
-        """The rank that owns ``block``."""
-        return block % self.n
-
-
-def plan_workers(n_blocks: int, n_workers: int, n_gpus: int, n_cpus: int, *, first_gpu: int = 0,
-                 procs_per_node: int | None = None) -> WorkerPlan:
-    """Choose the number of ranks, the backend, the devices and the block assignment.
-
-    Args:
-        n_blocks: blocks of the model.
-        n_workers: processes asked for; 0 = one per block, capped at ``n_gpus`` (CUDA) or ``n_cpus`` (CPU).
-            Never more than ``n_blocks`` when the engine spawns the workers.
-        n_gpus: GPUs to use (0 = CPU run).
-        n_cpus: CPU cores of one machine; each process gets ``n_cpus // processes per machine`` threads.
-        first_gpu: the GPU of local rank 0 (``--cuda_core``); local rank i uses ``(first_gpu + i) % n_gpus``.
-        procs_per_node: under torchrun, the processes per machine (``LOCAL_WORLD_SIZE``); ``n_workers`` is then
-            the world size and is used as given. None = the engine spawns all ranks on this machine.
-
-    Returns:
-        The plan. NCCL when every process of a machine has a GPU of its own; gloo on the CPU and when processes
-        share a GPU (NCCL refuses two ranks on one device).
-    """
-    if n_blocks < 1:
-        raise ValueError(f"a model needs at least one block, got n_blocks={n_blocks}")
-    if n_workers < 0:
-        raise ValueError(f"n_workers must be >= 0 (0 = auto), got {n_workers}")
-    if procs_per_node is None:
-        wanted = n_workers if n_workers > 0 else (n_gpus if n_gpus > 0 else n_cpus)
-        n = max(1, min(wanted, n_blocks))
-        per_node = n
-    else:
-        if n_workers < 1 or procs_per_node < 1:
-            raise ValueError(f"torchrun needs a world size and processes per node >= 1, got {n_workers} and "
-                             f"{procs_per_node}")
-        n, per_node = n_workers, procs_per_node
-    if n_gpus > 0:
-        # ranks are numbered node by node, so rank r is local rank r % per_node
-        devices = tuple(f"cuda:{(first_gpu + r % per_node) % n_gpus}" for r in range(n))
-        backend = "nccl" if per_node <= n_gpus else "gloo"
-    else:
-        devices, backend = ("cpu",) * n, "gloo"
-    assignment = tuple(tuple(range(r, n_blocks, n)) for r in range(n))
-    return WorkerPlan(n, backend, devices, assignment, max(1, n_cpus // per_node))
-
-
-@dataclass(frozen=True)
-class TorchrunEnv:
-    """The rendezvous variables torchrun sets for each process."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-
-def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None:
-    """The torchrun variables of this process, or None when it was not launched by torchrun."""
-    env = os.environ if environ is None else environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return None
-    world = int(env["WORLD_SIZE"])
-    return TorchrunEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", env["RANK"])),
-                       int(env.get("LOCAL_WORLD_SIZE", world)))
-
-
-def torchrun_rank() -> int:
-    """This process's torchrun rank (0 when not under torchrun); ``dol1.py`` sends ranks > 0 to the worker."""
-    env = torchrun_env()
-    return env.rank if env is not None else 0
-
-
-def _gpu_count(device: torch.device) -> int:
-    return torch.cuda.device_count() if device.type == "cuda" else 0
-
-
-def _torchrun_plan(n_blocks: int, env: TorchrunEnv, device: torch.device) -> WorkerPlan:
-    return plan_workers(n_blocks, env.world_size, _gpu_count(device), available_cpus(),
-                        first_gpu=device.index or 0, procs_per_node=env.local_world_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -160,10 +68,6 @@ class _Rank:
     rank: int
     comm_device: torch.device  # NCCL: this rank's GPU; gloo: the CPU
     scratch: nn.ModuleList
-
-
-def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
-    return list(block.parameters()) + list(block.buffers())  # the order Disributed_frame.gather_block zips
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -231,7 +135,7 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
         # the owner sends from its copies; every other rank receives into its scratch blocks
         sources = {b: frame.distributed_models[b].blocks[b] if owner == state.rank else state.scratch[b]
                    for b in owned}
-        sent += _broadcast_tensors(state, [t for b in owned for t in _block_tensors(sources[b])], owner) \
+        sent += _broadcast_tensors(state, [t for b in owned for t in block_tensors(sources[b])], owner) \
             * (plan.n - 1)
         for b in owned:
             frame.gather_block(b, sources[b])
@@ -256,7 +160,7 @@ def _prepare(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> _Rank:
     comm_device = frame.device if plan.backend == "nccl" else torch.device("cpu")
     scratch = copy.deepcopy(frame.center_model.blocks).requires_grad_(False)  # receives other ranks' blocks
     state = _Rank(plan, rank, comm_device, scratch)
-    _broadcast_tensors(state, _block_tensors(frame.center_model), src=0)
+    _broadcast_tensors(state, block_tensors(frame.center_model), src=0)
     frame.scatter()
     for replica in frame.distributed_models.values():
         replica.train()
@@ -269,7 +173,7 @@ def centre_spread(frame: Disributed_frame, state: _Rank) -> float:
     Collective: every rank must call it.
     """
     with torch.no_grad():
-        flat = torch.cat([t.double().reshape(-1) for t in _block_tensors(frame.center_model)]).to(state.comm_device)
+        flat = torch.cat([t.double().reshape(-1) for t in block_tensors(frame.center_model)]).to(state.comm_device)
         high, neg_low = flat.clone(), -flat
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(neg_low, op=dist.ReduceOp.MAX)  # max(-x) = -min(x)
@@ -312,16 +216,15 @@ def torchrun_worker(H: dict[str, Any]) -> None:
 
     Writes nothing; a failure leaves its traceback in the rendezvous store for rank 0's report, then re-raises.
     """
-    from src.Buliding_Units.Model_frames import select_device
     env = torchrun_env()
     if env is None or env.rank == 0:
         raise RuntimeError("torchrun_worker is for torchrun ranks > 0 (RANK and WORLD_SIZE must be set)")
     base = select_device(H["cuda_core"])  # local rank 0's device; local rank i uses the i-th GPU after it
-    n_gpus = _gpu_count(base)
+    n_gpus = gpu_count(base)
     device = torch.device(f"cuda:{((base.index or 0) + env.local_rank) % n_gpus}" if n_gpus else "cpu")
     _use_device(device)
     frame = generate_ModelFrame(H, device=device)  # every copy; _prepare keeps this rank's
-    plan = _torchrun_plan(frame.n_blocks, env, base)
+    plan = torchrun_plan(frame.n_blocks, env, base)
     assert torch.device(plan.devices[env.rank]) == device, (plan, device)
     torch.set_num_threads(plan.threads)
     dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
@@ -344,8 +247,62 @@ def _torchrun_failure(world_size: int) -> WorkerFailed | None:
     return None
 
 
-def run_distributed(frame: Disributed_frame, progress: Callable[[int, int], None] | None = None) -> Frame:
-    """Train ``frame`` with persistent worker processes; rank 0 is this process (see the module docstring).
+def _plan(frame: Disributed_frame, env: TorchrunEnv | None) -> WorkerPlan:
+    if env is not None:
+        return torchrun_plan(frame.n_blocks, env, frame.device)
+    return plan_workers(frame.n_blocks, frame.H["n_workers"], gpu_count(frame.device), available_cpus(),
+                        first_gpu=frame.device.index or 0)
+
+
+def _start_group(frame: Disributed_frame, plan: WorkerPlan, own_group: bool, pool: WorkerPool | None) -> None:
+    """Join the process group: from torchrun's environment (no pool), or after spawning ranks 1 … n−1 in ``pool``."""
+    if pool is None:
+        if own_group:
+            dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+        return
+    port = free_port()
+    pool.start(range(1, plan.n), spawned_worker, lambda rank: (rank, frame.H, plan, port))
+    frame.log("Worker pids: " + ", ".join(f"rank {r} pid {p}" for r, p in pool.pids.items()))
+    dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
+
+
+def _stop_workers(frame: Disributed_frame, state: _Rank, pool: WorkerPool | None) -> None:
+    """Send STOP, compare the centre across ranks, and log it."""
+    if pool is not None:
+        pool.expect_exit()
+    _command(state, STOP)
+    spread = centre_spread(frame, state)
+    if pool is not None:
+        pool.join()
+    frame.log(f"Centre after the last round: largest difference across the {state.plan.n} ranks = {spread:.3g}"
+              + (" (identical)" if spread == 0 else ""))
+    if spread != 0:
+        warnings.warn(f"the centre models of the ranks differ by up to {spread:.3g} after the run", stacklevel=2)
+
+
+def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int, int], None] | None) -> None:
+    rounds_before, bytes_before = frame.round, frame.bytes_sent
+
+    def step(frame: Disributed_frame, round_index: int) -> float:
+        started = time.perf_counter()
+        _command(state, round_index)
+        return distributed_round(frame, state, round_index, started)
+
+    training_loop(frame, step, progress)
+    rounds = frame.round - rounds_before
+    frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
+              f"(block payload x {state.plan.n - 1} receivers) over {rounds} rounds; compute "
+              f"{frame.timers['compute']:.2f} s (slowest rank), communication "
+              f"{frame.timers['communication']:.2f} s")
+
+
+@register_engine("blockwise", block_copies=True, block_updates=("jacobi",), torchrun_worker=torchrun_worker)
+def train_blockwise_distributed(frame: Disributed_frame,
+                                progress: Callable[[int, int], None] | None = None) -> Frame:
+    """One worker process per block (or group of blocks) on torch.distributed; the Jacobi algorithm.
+
+    Rank 0 is this process (see the module docstring).
 
     Raises:
         WorkerFailed: a worker raised or died (its traceback is in the message).
@@ -353,55 +310,23 @@ def run_distributed(frame: Disributed_frame, progress: Callable[[int, int], None
     if not isinstance(frame, Disributed_frame):
         raise TypeError(f"train_blockwise_distributed needs a Disributed_frame, got {type(frame).__name__}")
     env = torchrun_env()
-    if env is not None:
-        plan = _torchrun_plan(frame.n_blocks, env, frame.device)
-    else:
-        plan = plan_workers(frame.n_blocks, frame.H["n_workers"], _gpu_count(frame.device), available_cpus(),
-                            first_gpu=frame.device.index or 0)
+    plan = _plan(frame, env)
     assert torch.device(plan.devices[0]) == frame.device, (plan, frame.device)  # rank 0 trains where it was built
     threads_before = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
     t0 = time.perf_counter()
-    pool, error_dir = None, tempfile.TemporaryDirectory(prefix="blockwise_")
+    error_dir = tempfile.TemporaryDirectory(prefix="blockwise_")
+    pool = None if env is not None else WorkerPool(error_dir.name, on_failure=frame.reporter.fail
+                                                   if frame.reporter else None)
     own_group = not (env is not None and dist.is_initialized())  # under torchrun, a caller may have joined already
     try:
-        if env is not None:
-            if own_group:
-                dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
-        else:
-            port = free_port()
-            pool = WorkerPool(error_dir.name, on_failure=frame.reporter.fail if frame.reporter else None)
-            pool.start(range(1, plan.n), spawned_worker, lambda rank: (rank, frame.H, plan, port))
-            frame.log("Worker pids: " + ", ".join(f"rank {r} pid {p}" for r, p in pool.pids.items()))
-            dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                    world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
+        _start_group(frame, plan, own_group, pool)
         state = _prepare(frame, plan, 0)
         frame.log(f"Distributed: {plan.n} ranks ({'torchrun' if env else 'spawned'}), backend {plan.backend}, "
                   f"devices {list(plan.devices)}, {plan.threads} threads each, blocks by rank "
                   f"{[list(a) for a in plan.assignment]}; start-up {time.perf_counter() - t0:.1f} s")
-        rounds_before, bytes_before = frame.round, frame.bytes_sent
-
-        def step(frame: Disributed_frame, round_index: int) -> float:
-            started = time.perf_counter()
-            _command(state, round_index)
-            return distributed_round(frame, state, round_index, started)
-
-        training_loop(frame, step, progress)
-        if pool is not None:
-            pool.expect_exit()
-        _command(state, STOP)
-        spread = centre_spread(frame, state)
-        if pool is not None:
-            pool.join()
-        frame.log(f"Centre after the last round: largest difference across the {plan.n} ranks = {spread:.3g}"
-                  + (" (identical)" if spread == 0 else ""))
-        if spread != 0:
-            warnings.warn(f"the centre models of the ranks differ by up to {spread:.3g} after the run", stacklevel=2)
-        rounds = frame.round - rounds_before
-        frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
-                  f"(block payload x {plan.n - 1} receivers) over {rounds} rounds; compute "
-                  f"{frame.timers['compute']:.2f} s (slowest rank), communication "
-                  f"{frame.timers['communication']:.2f} s")
+        _train_rank0(frame, state, progress)
+        _stop_workers(frame, state, pool)
         return frame
     except BaseException as err:
         failure = None

@@ -1,247 +1,32 @@
-"""Sweep machinery behind ``master.py``: the grid, the progress tracker and the loop that runs a sweep.
+"""The loop that runs a sweep: start runs on free slots, watch them, record every outcome, resume after a crash.
 
-A sweep is the Cartesian product of a grid of ``dol1.py`` settings, with fixed settings applied to every run. Each
-run is one ``dol1.py`` process; its run id is ``run_id(H)`` of its resolved configuration, the name of its report.
-The state of every run lives in a JSON tracker (``progress_tracker.json``), rewritten atomically after every change,
-so that a master killed by ``kill -9`` can be started again: runs that are done are skipped, runs whose process is
-still alive are adopted (waited on, never started twice), failed runs are retried up to ``max_attempts`` failures.
-Where runs execute (device slots) and how they are started and watched (launchers) is :mod:`src.launchers`.
+The state of every run lives in the tracker, rewritten after every change, so that a master killed by ``kill -9``
+can be started again: runs that are done are skipped, runs whose process is still alive are adopted (waited on,
+never started twice), failed runs are retried up to ``max_attempts`` failures. Where runs execute (device slots)
+and how they are started and watched (launchers) is :mod:`src.Sweeps.launchers`.
 
 Nothing here prints: the loop reports through an ``on_event(kind, run, entry)`` callback.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import itertools
-import json
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
-from src.launchers import Handle, Launcher, LocalLauncher, Slot
-from src.utils import ConfigError, read_report, run_id
+from src.reporting import read_metrics, read_report, write_json_atomic
+from src.Sweeps.grid import Run
+from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot
+from src.Sweeps.tracker import now, read_tracker
 
 STATUSES = ("pending", "running", "done", "failed", "interrupted")  # a run's status in the tracker
 BAD_INPUT = 2  # dol1.py's exit status for bad input: such a run is never retried
 INTERRUPTED = 130
 _REPORT_OUTCOME = {"finished": "done", "stopped": "done", "failed": "failed", "interrupted": "interrupted",
                    "alive": "failed"}  # "alive" after the process is gone: killed hard (OOM, kill -9)
-
-
-class SweepError(ConfigError):
-    """Bad sweep input (grid, fixed settings, sweep file, tracker file): master.py exits with status 2."""
-
-
-class TrackerLocked(RuntimeError):
-    """Another master holds the tracker's lock file."""
-
-
-def now() -> str:
-    """Local time as ``YYYY-MM-DDTHH:MM:SS``."""
-    return datetime.now().isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The grid
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One run of a sweep: its overrides, the dol1.py arguments and the resolved configuration ``H``."""
-
-    run_id: str
-    overrides: dict[str, Any]  # fixed settings + this grid point
-    grid_values: dict[str, Any]  # this grid point only (the table's columns)
-    argv: list[str]
-    H: dict[str, Any]
-    reports_dir: Path
-
-    @property
-    def report(self) -> Path:
-        return self.reports_dir / f"{self.run_id}.txt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.reports_dir / f"{self.run_id}.metrics.jsonl"
-
-    @property
-    def log(self) -> Path:
-        """stdout and stderr of every attempt, appended (one header line per attempt)."""
-        return self.reports_dir / f"{self.run_id}.log"
-
-
-def load_spec(grid: str | None = None, fixed: str | None = None,
-              sweep_file: str | Path | None = None) -> tuple[dict[str, list], dict[str, Any]]:
-    """Read the grid and the fixed settings: from a JSON sweep file, then from JSON strings (which override it).
-
-    Raises:
-        SweepError: unreadable JSON, a grid value that is not a non-empty list, a key both in grid and fixed.
-    """
-    def parse(text: str, what: str) -> Any:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SweepError(f"{what} is not valid JSON ({err}): {text!r}") from err
-        if not isinstance(value, dict):
-            raise SweepError(f"{what} must be a JSON object, got {text!r}")
-        return value
-
-    spec: dict[str, Any] = {}
-    if sweep_file:
-        try:
-            spec = parse(Path(sweep_file).read_text(), f"sweep file {str(sweep_file)!r}")
-        except OSError as err:
-            raise SweepError(f"cannot read sweep file {str(sweep_file)!r}: {err}") from err
-        unknown = sorted(set(spec) - {"grid", "fixed"})
-        if unknown:
-            raise SweepError(f"sweep file {str(sweep_file)!r}: unknown parts {unknown}; valid: ['fixed', 'grid']")
-    grid_spec = dict(spec.get("grid") or {}) | (parse(grid, "--grid") if grid else {})
-    fixed_spec = dict(spec.get("fixed") or {}) | (parse(fixed, "--fixed") if fixed else {})
-    for key, values in grid_spec.items():
-        if not isinstance(values, list) or not values:
-            raise SweepError(f"grid values must be non-empty lists: {key!r} has {values!r}")
-    both = sorted(set(grid_spec) & set(fixed_spec))
-    if both:
-        raise SweepError(f"keys both in the grid and in the fixed settings: {both}")
-    return grid_spec, fixed_spec
-
-
-def sweep_hash(grid: Mapping[str, Any], fixed: Mapping[str, Any]) -> str:
-    """``S`` + 8 hex digits naming a sweep (its summary files and its entry in the tracker)."""
-    return "S" + run_id({"grid": grid, "fixed": fixed})[1:]
-
-
-def to_argv(overrides: Mapping[str, Any]) -> list[str]:
-    """dol1.py arguments ``--key=value``: strings as they are, everything else as a Python literal (``repr``).
-
-    The ``=`` form keeps values that start with ``-`` from being read as flags; ``repr`` round-trips lists, None and
-    booleans through dol1.py's literal parser.
-    """
-    return [f"--{key}={value if isinstance(value, str) else repr(value)}" for key, value in overrides.items()]
-
-
-def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable[[list[str]], dict[str, Any]],
-           valid_keys: Sequence[str], project_root: Path) -> list[Run]:
-    """Every run of the grid × fixed product, checked with dol1.py's own parser before anything starts.
-
-    Args:
-        grid: key -> list of values.
-        fixed: key -> value for every run.
-        resolve: dol1.py's ``resolve_config(argv) -> H``; raises ConfigError (or SystemExit from argparse).
-        valid_keys: dol1.py's keys (unknown keys are refused here, with a did-you-mean).
-        project_root: where dol1.py writes when ``output_root`` is empty.
-
-    Returns:
-        The runs in grid order, without duplicates (two grid points with the same H are one run).
-
-    Raises:
-        SweepError: an unknown key, or a value dol1.py rejects (its message, with the run's overrides).
-    """
-    import difflib
-
-    for key in [*grid, *fixed]:
-        if key not in valid_keys:
-            close = difflib.get_close_matches(key, valid_keys, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SweepError(f"unknown dol1.py key {key!r}.{hint} Valid: {sorted(valid_keys)}")
-    runs: dict[str, Run] = {}
-    for point in itertools.product(*grid.values()):
-        grid_values = dict(zip(grid, point))
-        overrides = {**fixed, **grid_values}
-        argv = to_argv(overrides)
-        try:
-            H = resolve(argv)
-        except ConfigError as err:
-            raise SweepError(f"run {overrides}: {err}") from err
-        root = Path(H["output_root"]).resolve() if H["output_root"] else project_root
-        rid = run_id(H)
-        runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, root / "reports"))
-    return list(runs.values())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The tracker
-# --------------------------------------------------------------------------------------------------------------------
-def read_tracker(path: str | Path) -> dict[str, Any]:
-    """The tracker's content (an empty tracker when the file does not exist).
-
-    Raises:
-        SweepError: the file exists but is not a tracker.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {"format": 1, "sweeps": {}, "runs": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SweepError(f"tracker {str(path)!r} is unreadable ({err}); move it away to start afresh") from err
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise SweepError(f"tracker {str(path)!r} has no 'runs' table; move it away to start afresh")
-    data.setdefault("sweeps", {})
-    return data
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def tracker_lock(path: Path):
-    """Hold ``<tracker>.lock`` (fcntl) for the block; the kernel drops it if the master dies, even by kill -9.
-
-    Raises:
-        TrackerLocked: another master holds it (its pid is in the message).
-    """
-    lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC by default)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise TrackerLocked(f"another master (pid {holder}) is running with tracker {str(path)!r}; "
-                                f"wait for it or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------------------------
-def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
-    """The records of a metrics file (complete lines only: the run may be writing), or only the last one."""
-    try:
-        with open(path, "rb") as f:
-            if last_only:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-            lines = f.read().decode(errors="replace").split("\n")[:-1]  # the last piece may be partial
-    except OSError:
-        return []
-    records = []
-    for line in lines[-1:] if last_only else lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
 
 
 @dataclass

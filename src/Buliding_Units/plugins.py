@@ -1,0 +1,114 @@
+"""The plugin registry and the ``Units.txt`` parser.
+
+A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit`` or a
+``StopperUnit``. Plugins defined in this package's plugin modules are known by their class name; any other is
+named by a dotted path ``package.module.Class``.
+
+``Units.txt``: lines starting with ``-`` name a plugin, optionally followed by ``key=value`` arguments (values are
+Python literals, else strings): ``- HessianBlockInteractionMeasurement tol=1e-3 max_steps=30``. Every other line
+(headers, blank lines, ``#`` comments) is ignored.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from src.Buliding_Units import MeasurementUnit as measurement_module
+from src.Buliding_Units import StopperUnit as stopper_module
+from src.cli import ConfigError
+from src.reporting import PROJECT_ROOT
+
+PLUGIN_BASES: tuple[type, ...] = (measurement_module.MeasurementUnit, stopper_module.StopperUnit)
+DEFAULT_UNITS_FILE = PROJECT_ROOT / "measurements" / "Units.txt"
+
+
+def available_plugins() -> dict[str, type]:
+    """Every concrete plugin class defined in the plugin modules of this package, by class name."""
+    found = {}
+    for module in (measurement_module, stopper_module):
+        for name, cls in vars(module).items():
+            if inspect.isclass(cls) and issubclass(cls, PLUGIN_BASES) and not inspect.isabstract(cls) \
+                    and cls.__module__ == module.__name__:
+                found[name] = cls
+    return found
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_plugin(name: str, where: str = "Units.txt", plugins: dict[str, type] | None = None) -> type:
+    """The plugin class named ``name`` (a class name or a dotted path).
+
+    Raises:
+        ConfigError: unknown name (with a did-you-mean and the available names), an import that fails.
+    """
+    plugins = available_plugins() if plugins is None else plugins
+    if "." in name:
+        module_name, _, cls_name = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"{where}: cannot import plugin {name!r}: {err}") from err
+        if not (inspect.isclass(found) and issubclass(found, PLUGIN_BASES)) or inspect.isabstract(found):
+            raise ConfigError(f"{where}: {name!r} is not a plugin: a plugin is a concrete subclass of "
+                              f"{sorted(base.__name__ for base in PLUGIN_BASES)}")
+        return found
+    if name not in plugins:
+        raise ConfigError(f"{where}: unknown plugin {name!r}.{_did_you_mean(name, list(plugins))} "
+                          f"Available: {sorted(plugins)}")
+    return plugins[name]
+
+
+def _arguments(cls: type, name: str, args: list[str], where: str) -> dict[str, Any]:
+    kwargs = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{where}: argument {arg!r} of {name} is not of the form key=value")
+        kwargs[key] = _literal(value)
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(f"{where}: {name} has no argument {key!r}.{_did_you_mean(key, accepted)} "
+                              f"Valid: {accepted}")
+    return kwargs
+
+
+def parse_measurement_units(path: str | Path | None = None) -> list[Any]:
+    """Read a ``Units.txt`` file (default ``measurements/Units.txt``) and instantiate the plugins it lists.
+
+    Raises:
+        ConfigError: naming the file and line, for an unknown plugin (with a did-you-mean and the available
+            names), an unknown or malformed argument, or an argument value the plugin rejects.
+    """
+    path = Path(path) if path else DEFAULT_UNITS_FILE
+    if not path.is_file():
+        raise ConfigError(f"units file {str(path)!r} does not exist")
+    plugins = available_plugins()
+    units = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("-"):
+            continue
+        where = f"{path}:{number}"
+        name, *args = line[1:].split()
+        cls = resolve_plugin(name, where, plugins)
+        kwargs = _arguments(cls, name, args, where)
+        try:
+            units.append(cls(**kwargs))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: {name}({', '.join(args)}) rejected its arguments: {err}") from err
+    return units

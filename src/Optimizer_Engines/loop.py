@@ -1,0 +1,155 @@
+"""The loop every engine shares: rounds, progress checks, measurements, stoppers, and the block-local pieces.
+
+An engine supplies ``step(frame, round_index) -> deviation`` and calls :func:`training_loop`, which logs every
+``report_sampling_rate`` rounds, measures every ``measurement_sampling_rate`` rounds (both once more at the end) and
+asks the stoppers after each progress check.
+
+Data-order contract (shared by every engine, the multi-process one included): mini-batches come from one seeded
+sequence ``frame.train_batches``; step t of entire mode uses batch t; local step t of round r uses batch r·K + t,
+the same batch for every block. Consequences (tested): a one-block model trains identically in block-wise and
+entire modes, and Jacobi with K = 1 and all blocks active equals entire training with an elementwise optimiser.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.Buliding_Units.Model_frames import Frame
+from src.reporting import format_progress
+
+
+def active_blocks(round_index: int, n_blocks: int, share: float, seed: int) -> list[int]:
+    """The blocks updated in a round: all for share = 1, else a seeded random subset of ceil(share·B) blocks.
+
+    A pure function of its arguments, so every worker of the multi-process engine picks the same subset.
+    """
+    if share >= 1.0:
+        return list(range(n_blocks))
+    count = max(1, math.ceil(share * n_blocks))
+    rng = np.random.default_rng([seed, round_index])
+    return sorted(rng.choice(n_blocks, size=count, replace=False).tolist())
+
+
+def round_batches(frame: Frame, round_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The K mini-batches of a round: batches r·K … r·K + K − 1 of the seeded sequence."""
+    K = frame.H["K"]
+    return [frame.train_batches[round_index * K + t] for t in range(K)]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def local_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """K optimiser steps on one block's copy.
+
+    Only the block's own parameters require grad in its copy, so autograd records nothing before the block (the
+    prefix runs without a graph) and computes no weight gradients for the other blocks.
+    """
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(frame: Frame, split: str) -> dict[str, float]:
+    """Loss (and accuracy for classification) of the centre model on a split, in eval mode."""
+    model, total, loss_sum, correct = frame.center_model, 0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in frame.data.eval_batches(split, frame.H["eval_samples"]):
+            out = model(x)
+            loss_sum += frame.criterion(out, y).item() * len(y)
+            if frame.task == "classification":
+                correct += (out.argmax(dim=1) == y).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    result = {"loss": loss_sum / max(total, 1)}
+    if frame.task == "classification":
+        result["accuracy"] = correct / max(total, 1)
+    return result
+
+
+def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
+    """Evaluate on the big training batch and the test split, record and report; returns the metrics record."""
+    t0 = time.perf_counter()
+    train, test = evaluate(frame, "train"), evaluate(frame, "test")
+    busy = frame.timers["compute"] + frame.timers["communication"]
+    record: dict[str, Any] = {
+        "round": frame.round, "steps": frame.steps, "samples": frame.samples,
+        "wall_time": time.perf_counter() - frame.start_time, **train,
+        **{f"test_{k}": v for k, v in test.items()},
+        "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],
+        "compute_time_share": frame.timers["compute"] / busy if busy else 1.0,
+        "deviation": deviation, "bytes_sent": frame.bytes_sent, "rounds_total": frame.H["rounds"],
+    }
+    frame.history.append(record)
+    if frame.reporter is not None:
+        frame.reporter.log(format_progress(record))
+        frame.reporter.log_metrics(record)
+    frame.timers["logging"] += time.perf_counter() - t0
+    return record
+
+
+def run_measurements(frame: Frame) -> None:
+    """Run every measurement unit once and let it log its result."""
+    t0 = time.perf_counter()
+    for unit in frame.measure_units:
+        result = unit.measure(frame)
+        unit.log_measurement(frame, result)
+    frame.timers["measurement"] += time.perf_counter() - t0
+
+
+def check_stoppers(frame: Frame, record: dict[str, Any]) -> bool:
+    """Ask every stopper about the latest progress record; the first that fires sets ``frame.stop_reason``."""
+    for unit in frame.stopper_units:
+        if unit.check(record):
+            frame.stop_reason = f"{type(unit).__name__}: {unit.message}"
+            frame.log(f"Stopping: {frame.stop_reason}")
+            return True
+    return False
+
+
+def due(round_index: int, rate: int) -> bool:
+    """True every ``rate`` rounds (rate 1 = every round, 0 = never)."""
+    return rate > 0 and round_index % rate == 0
+
+
+def training_loop(frame: Frame, step: Callable[[Frame, int], float],
+                  progress: Callable[[int, int], None] | None = None) -> Frame:
+    """Run ``step(frame, r)`` for every round, logging every ``report_sampling_rate`` rounds and measuring every
+    ``measurement_sampling_rate`` rounds, both once more at the end; stoppers are asked after each progress check.
+    """
+    H = frame.H
+    frame.start_time = time.perf_counter() - frame.history[-1]["wall_time"] if frame.history else time.perf_counter()
+    frame.center_model.train()
+    deviation = 0.0
+    record = log_progress(frame) if frame.round == 0 else None
+    stopped = record is not None and check_stoppers(frame, record)
+    while not stopped and frame.round < H["rounds"]:
+        deviation = step(frame, frame.round)
+        frame.round += 1
+        record = None
+        if due(frame.round, H["report_sampling_rate"]):
+            record = log_progress(frame, deviation)
+            stopped = check_stoppers(frame, record)
+        if due(frame.round, H["measurement_sampling_rate"]) and frame.round < H["rounds"] and not stopped:
+            run_measurements(frame)
+        if progress is not None:
+            progress(frame.round, H["rounds"])
+    if record is None or record["round"] != frame.round:
+        stopped = check_stoppers(frame, log_progress(frame, deviation)) or stopped
+    if H["measurement_sampling_rate"] > 0:
+        run_measurements(frame)
+    return frame

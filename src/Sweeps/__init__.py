@@ -1,0 +1,20 @@
+"""Sweeps: many ``dol1.py`` runs from a grid of settings, resumable after a crash (the machinery of ``master.py``).
+
+* :mod:`.grid` — the sweep specification and its runs (each a ``dol1.py`` command line with a run id);
+* :mod:`.tracker` — ``progress_tracker.json``, written atomically, and the lock that keeps a second master off it;
+* :mod:`.launchers` — device slots and the launchers that start, watch, stop and find runs;
+* :mod:`.scheduler` — the loop: start on free slots, watch, record outcomes, retry, adopt live runs on resume;
+* :mod:`.summary` — the end-of-sweep table and figure.
+
+Layer: above the engines (it runs ``dol1.py`` processes); it imports only the ground floor of ``src``.
+"""
+from src.Sweeps.grid import Run, SweepError, expand, load_spec, sweep_hash, to_argv
+from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot, cpu_cores, plan_slots, visible_gpus
+from src.Sweeps.scheduler import STATUSES, Scheduler
+from src.Sweeps.summary import figure_curves, summary_table, sweep_figure, write_summary
+from src.Sweeps.tracker import TrackerLocked, now, read_tracker, tracker_lock
+
+__all__ = ["STATUSES", "Handle", "Launcher", "LocalLauncher", "Run", "Scheduler", "Slot", "SweepError",
+           "TrackerLocked", "cpu_cores", "expand", "figure_curves", "load_spec", "now", "plan_slots",
+           "read_tracker", "summary_table", "sweep_figure", "sweep_hash", "to_argv", "tracker_lock", "visible_gpus",
+           "write_summary"]

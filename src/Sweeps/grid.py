@@ -1,0 +1,132 @@
+"""The grid of a sweep: its specification, its runs (each a ``dol1.py`` command line) and their ids.
+
+A sweep is the Cartesian product of a grid of ``dol1.py`` settings, with fixed settings applied to every run. Each
+run is one ``dol1.py`` process; its run id is ``run_id(H)`` of its resolved configuration, the name of its report.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from src.cli import ConfigError
+from src.reporting import Paths, run_id
+
+
+class SweepError(ConfigError):
+    """Bad sweep input (grid, fixed settings, sweep file, tracker file): master.py exits with status 2."""
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its overrides, the dol1.py arguments and the resolved configuration ``H``."""
+
+    run_id: str
+    overrides: dict[str, Any]  # fixed settings + this grid point
+    grid_values: dict[str, Any]  # this grid point only (the table's columns)
+    argv: list[str]
+    H: dict[str, Any]
+    reports_dir: Path
+
+    @property
+    def report(self) -> Path:
+        return self.reports_dir / f"{self.run_id}.txt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports_dir / f"{self.run_id}.metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        """stdout and stderr of every attempt, appended (one header line per attempt)."""
+        return self.reports_dir / f"{self.run_id}.log"
+
+
+def load_spec(grid: str | None = None, fixed: str | None = None,
+              sweep_file: str | Path | None = None) -> tuple[dict[str, list], dict[str, Any]]:
+    """Read the grid and the fixed settings: from a JSON sweep file, then from JSON strings (which override it).
+
+    Raises:
+        SweepError: unreadable JSON, a grid value that is not a non-empty list, a key both in grid and fixed.
+    """
+    def parse(text: str, what: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SweepError(f"{what} is not valid JSON ({err}): {text!r}") from err
+        if not isinstance(value, dict):
+            raise SweepError(f"{what} must be a JSON object, got {text!r}")
+        return value
+
+    spec: dict[str, Any] = {}
+    if sweep_file:
+        try:
+            spec = parse(Path(sweep_file).read_text(), f"sweep file {str(sweep_file)!r}")
+        except OSError as err:
+            raise SweepError(f"cannot read sweep file {str(sweep_file)!r}: {err}") from err
+        unknown = sorted(set(spec) - {"grid", "fixed"})
+        if unknown:
+            raise SweepError(f"sweep file {str(sweep_file)!r}: unknown parts {unknown}; valid: ['fixed', 'grid']")
+    grid_spec = dict(spec.get("grid") or {}) | (parse(grid, "--grid") if grid else {})
+    fixed_spec = dict(spec.get("fixed") or {}) | (parse(fixed, "--fixed") if fixed else {})
+    for key, values in grid_spec.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"grid values must be non-empty lists: {key!r} has {values!r}")
+    both = sorted(set(grid_spec) & set(fixed_spec))
+    if both:
+        raise SweepError(f"keys both in the grid and in the fixed settings: {both}")
+    return grid_spec, fixed_spec
+
+
+def sweep_hash(grid: Mapping[str, Any], fixed: Mapping[str, Any]) -> str:
+    """``S`` + 8 hex digits naming a sweep (its summary files and its entry in the tracker)."""
+    return "S" + run_id({"grid": grid, "fixed": fixed})[1:]
+
+
+def to_argv(overrides: Mapping[str, Any]) -> list[str]:
+    """dol1.py arguments ``--key=value``: strings as they are, everything else as a Python literal (``repr``).
+
+    The ``=`` form keeps values that start with ``-`` from being read as flags; ``repr`` round-trips lists, None and
+    booleans through dol1.py's literal parser.
+    """
+    return [f"--{key}={value if isinstance(value, str) else repr(value)}" for key, value in overrides.items()]
+
+
+def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable[[list[str]], dict[str, Any]],
+           valid_keys: Sequence[str], project_root: Path) -> list[Run]:
+    """Every run of the grid × fixed product, checked with dol1.py's own parser before anything starts.
+
+    Args:
+        grid: key -> list of values.
+        fixed: key -> value for every run.
+        resolve: dol1.py's ``resolve_config(argv) -> H``; raises ConfigError (or SystemExit from argparse).
+        valid_keys: dol1.py's keys (unknown keys are refused here, with a did-you-mean).
+        project_root: where dol1.py writes when ``output_root`` is empty.
+
+    Returns:
+        The runs in grid order, without duplicates (two grid points with the same H are one run).
+
+    Raises:
+        SweepError: an unknown key, or a value dol1.py rejects (its message, with the run's overrides).
+    """
+    for key in [*grid, *fixed]:
+        if key not in valid_keys:
+            close = difflib.get_close_matches(key, valid_keys, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SweepError(f"unknown dol1.py key {key!r}.{hint} Valid: {sorted(valid_keys)}")
+    runs: dict[str, Run] = {}
+    for point in itertools.product(*grid.values()):
+        grid_values = dict(zip(grid, point))
+        overrides = {**fixed, **grid_values}
+        argv = to_argv(overrides)
+        try:
+            H = resolve(argv)
+        except ConfigError as err:
+            raise SweepError(f"run {overrides}: {err}") from err
+        reports = Paths.for_output_root(H["output_root"]).reports if H["output_root"] else project_root / "reports"
+        rid = run_id(H)
+        runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, reports))
+    return list(runs.values())

@@ -1,0 +1,96 @@
+"""The command line generated from a dict of defaults, and the error type every entry point turns into exit status 2.
+
+Ground floor: imports nothing of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; the command-line entry points turn it into exit status 2."""
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _type_name(default: Any) -> str:
+    return "float (an int is accepted)" if isinstance(default, float) else type(default).__name__
+
+
+def _converter(key: str, default: Any) -> Callable[[str], Any]:
+    """Return an argparse ``type`` callable that parses a value of the same type as ``default``."""
+
+    def fail(value: str) -> None:
+        raise argparse.ArgumentTypeError(
+            f"expected {_type_name(default)} for --{key}, got {value!r} (default: {default!r})")
+
+    def convert(value: str) -> Any:
+        if isinstance(default, bool):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+            fail(value)
+        if isinstance(default, str):
+            return value
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            if default is None:
+                return value  # a None default takes any literal, or else the raw string
+            fail(value)
+        if default is None:
+            return parsed
+        if isinstance(default, float) and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            return float(parsed)
+        if isinstance(default, int) and isinstance(parsed, int) and not isinstance(parsed, bool):
+            return parsed
+        if isinstance(default, (list, tuple)) and isinstance(parsed, (list, tuple)):
+            return type(default)(parsed)
+        if isinstance(default, dict) and isinstance(parsed, dict):
+            return parsed
+        fail(value)
+
+    return convert
+
+
+def key_comments(source: str) -> dict[str, str]:
+    """Read the trailing ``# comment`` of every ``"key": value,`` line of a defaults dict written in ``source``."""
+    pattern = re.compile(r'^\s*["\'](\w+)["\']\s*:.*?#\s*(.+?)\s*$')
+    return {m.group(1): m.group(2) for line in source.splitlines() if (m := pattern.match(line))}
+
+
+def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = None,
+                    help_texts: Mapping[str, str] | None = None, description: str | None = None,
+                    prog: str | None = None) -> dict[str, Any]:
+    """Turn a dict of defaults into a strict command line and parse ``argv``.
+
+    Every key becomes ``--key VALUE`` (or ``--key=VALUE``). Values are Python literals, so
+    ``--config "[[16,16],[32,32]]"`` gives a nested list; an int is accepted for a float; booleans take
+    True/False/true/false/1/0. Unknown or abbreviated flags and values of the wrong type exit with status 2
+    and a message naming the flag, the expected type and the default.
+
+    Args:
+        defaults: key -> default value; the type of each default fixes the type of its flag.
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+        help_texts: key -> one line of help for ``--help``.
+        description: shown at the top of ``--help``.
+        prog: program name for messages.
+
+    Returns:
+        A new dict: the defaults with the given flags applied.
+    """
+    help_texts = help_texts or {}
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for key, default in defaults.items():
+        parser.add_argument(f"--{key}", dest=key, default=default, type=_converter(key, default),
+                            metavar="VALUE" if default is None else _type_name(default).split(" ")[0].upper(),
+                            help=help_texts.get(key, " "))
+    return vars(parser.parse_args(argv))
+

@@ -1,0 +1,267 @@
+"""Where a run writes and what it writes: output paths, run ids, the report, its status file and metrics.
+
+Files of a run under ``<output root>/reports/`` (the output root is ``--output_root``, default the project folder):
+
+* ``R<hash>.txt`` — the seed's human-readable report: ``Process ID``, ``Status``, ``Hyperparameters: {json}``,
+  ``Run info: {json}``, then ``[YYYY-MM-DD HH:MM:SS] message`` lines (progress lines among them);
+* ``R<hash>.status.json`` — the machine-readable status (``status``, ``detail``, ``pid``, ``updated``), rewritten
+  atomically on every change; every reader (``read_report``, the sweeps) takes the status from here;
+* ``R<hash>.metrics.jsonl`` — one JSON record per progress check.
+
+Ground floor: imports nothing of the project.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a run writes: reports, figures and measurement logs, all under one root."""
+
+    root: Path = PROJECT_ROOT
+
+    @classmethod
+    def for_output_root(cls, output_root: str | Path | None) -> "Paths":
+        """The paths for ``--output_root`` (empty or None = the project folder)."""
+        return cls(Path(output_root).resolve() if output_root else PROJECT_ROOT)
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def measurements(self) -> Path:
+        return self.root / "measurements"
+
+    def report(self, run: str) -> Path:
+        """The human-readable report of run ``run``."""
+        return self.reports / f"{run}.txt"
+
+    def status(self, run: str) -> Path:
+        """The machine-readable status file of run ``run``."""
+        return self.reports / f"{run}.status.json"
+
+    def metrics(self, run: str) -> Path:
+        """The metrics file (JSON lines) of run ``run``."""
+        return self.reports / f"{run}.metrics.jsonl"
+
+
+def run_id(H: Mapping[str, Any]) -> str:
+    """``R`` + the first 8 hex digits of the md5 of ``H`` as sorted JSON: the report's and the sweep's run id."""
+    return "R" + hashlib.md5(json.dumps(H, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """The checked-out git commit of ``root``, or None outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def archive_existing(path: Path) -> None:
+    """Move an existing file aside as ``<stem>.<n><suffix>`` (first free n), so nothing is silently replaced."""
+    if not path.exists():
+        return
+    n = 1
+    while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(target)
+
+
+RUN_FILE_SUFFIXES = (".txt", ".status.json", ".metrics.jsonl")  # the files of a run: R<hash><suffix>
+
+
+def _archived(reports_dir: Path, run: str, suffix: str, n: int) -> Path:
+    """Where the n-th archived copy of a run file goes: ``R<hash>.<n>.txt``, ``R<hash>.metrics.<n>.jsonl``, …"""
+    kind, _, ext = suffix[1:].rpartition(".")
+    return reports_dir / (f"{run}.{kind}.{n}.{ext}" if kind else f"{run}.{n}.{ext}")
+
+
+def archive_run(reports_dir: Path, run: str) -> None:
+    """Move an earlier run's files aside together, with the first archive number n that is free for all of them."""
+    present = [s for s in RUN_FILE_SUFFIXES if (reports_dir / f"{run}{s}").exists()]
+    if not present:
+        return
+    n = 1
+    while any(_archived(reports_dir, run, s, n).exists() for s in RUN_FILE_SUFFIXES):
+        n += 1
+    for suffix in present:
+        (reports_dir / f"{run}{suffix}").rename(_archived(reports_dir, run, suffix, n))
+
+
+def status_path(report: Path) -> Path:
+    """The status file that belongs to a report, current (``R<hash>.txt``) or archived (``R<hash>.<n>.txt``)."""
+    stem = report.name.removesuffix(".txt")
+    run, _, n = stem.rpartition(".")
+    if run and n.isdigit():
+        return report.with_name(f"{run}.status.{n}.json")
+    return report.with_name(f"{stem}.status.json")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics file (complete lines only: the run may be writing), or only the last one."""
+    try:
+        with open(path, "rb") as f:
+            if last_only:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+            lines = f.read().decode(errors="replace").split("\n")[:-1]  # the last piece may be partial
+    except OSError:
+        return []
+    records = []
+    for line in lines[-1:] if last_only else lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def format_progress(m: Mapping[str, Any]) -> str:
+    """The report's readable progress line (the seed's ``Energy = …, Accuracy = …``, extended)."""
+    parts = [f"Energy = {m['loss']:.4g}"]
+    if "accuracy" in m:
+        parts.append(f"Accuracy = {m['accuracy']:.4f}")
+    parts.append(f"Test Loss = {m['test_loss']:.4g}")
+    if "test_accuracy" in m:
+        parts.append(f"Test Accuracy = {m['test_accuracy']:.4f}")
+    parts += [f"Steps = {m['steps']}", f"Samples = {m['samples']}", f"Time = {m['wall_time']:.2f}",
+              f"ComputeTimeShare = {m['compute_time_share']:.2f}", f"Deviation = {m['deviation']:.4g}"]
+    return f"Round {m['round']}: " + ", ".join(parts)
+
+
+class Reporter:
+    """Run logger: the report ``R<hash>.txt``, its status file ``R<hash>.status.json`` and the metrics file.
+
+    Header lines of the report: ``Process ID``, ``Status`` (alive, then finished / stopped / failed / interrupted),
+    ``Hyperparameters: {json}``, and ``Run info: {json}`` (torch version, device, git commit, plugins...).
+    A report of the same configuration that already exists is renamed ``R<hash>.<n>.txt`` first, together with
+    its status and metrics files, so re-running never destroys an earlier result.
+    """
+
+    STATUSES = ("alive", "finished", "stopped", "failed", "interrupted")
+
+    def __init__(self, H: Mapping[str, Any], reports_dir: str | Path | None = None,
+                 run_info: Mapping[str, Any] | None = None):
+        self.H = dict(H)
+        self.run_id = run_id(self.H)
+        self.dir = Path(reports_dir) if reports_dir else Paths().reports
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{self.run_id}.txt"
+        self.status_path = self.dir / f"{self.run_id}.status.json"
+        self.metrics_path = self.dir / f"{self.run_id}.metrics.jsonl"
+        archive_run(self.dir, self.run_id)
+        info = {"torch": torch.__version__, "git_commit": git_commit(), **(run_info or {})}
+        self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\n"
+                             f"Hyperparameters: {json.dumps(self.H, sort_keys=True)}\n"
+                             f"Run info: {json.dumps(info, sort_keys=True, default=str)}\n")
+        self.metrics_path.touch()
+        self.status = "alive"
+        self._write_status(None)
+
+    def log(self, message: str) -> None:
+        """Append ``[YYYY-MM-DD HH:MM:SS] message``."""
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a") as f:
+            f.write(f"[{stamp}] {message}\n")
+
+    def log_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line to the run's metrics file (flushed at once, for readers such as master.py)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(dict(record), default=float) + "\n")
+
+    def _write_status(self, detail: str | None) -> None:
+        write_json_atomic(self.status_path, {"run_id": self.run_id, "status": self.status, "detail": detail,
+                                             "pid": os.getpid(), "updated": datetime.now().isoformat()})
+
+    def set_status(self, status: str, detail: str | None = None) -> None:
+        """Record a new status: the status file, then the report's ``Status:`` line (both atomically replaced)."""
+        if status not in self.STATUSES:
+            raise ValueError(f"unknown status {status!r}; valid: {list(self.STATUSES)}")
+        self.status = status
+        self._write_status(detail)
+        lines = self.path.read_text().splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if line.startswith("Status:"):
+                lines[i] = f"Status: {status}" + (f" ({detail})" if detail else "") + "\n"
+                break
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, self.path)
+
+    def finish(self, status: str = "finished", reason: str | None = None) -> None:
+        """Close the run with a final status and, where given, the reason."""
+        if reason:
+            self.log(f"{status.capitalize()}: {reason}")
+        self.set_status(status, reason)
+
+    def fail(self, exc: BaseException, exit_code: int = 1) -> None:
+        """Record a failure with its exit code and traceback."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")
+        self.set_status("failed", f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def _header_value(lines: list[str], key: str) -> str | None:
+    prefix = f"{key}:"
+    return next((line[len(prefix):].strip() for line in lines if line.startswith(prefix)), None)
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A run's header and status: ``pid``, ``status``, ``status_detail``, ``H`` (hyper-parameters), ``run_info``.
+
+    The status comes from the status file beside the report (``R<hash>.status.json``); the header lines are found
+    by their names, not their positions. A report without a status file (written by an older version) falls back
+    to its ``Status:`` line.
+
+    Raises:
+        OSError: the report cannot be read.
+        ValueError: it is not a report (no ``Process ID`` or ``Hyperparameters`` line).
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()[:8]  # the header; messages follow
+    pid, hyper = _header_value(lines, "Process ID"), _header_value(lines, "Hyperparameters")
+    if pid is None or hyper is None:
+        raise ValueError(f"{path} is not a report (no 'Process ID' or 'Hyperparameters' line)")
+    info = _header_value(lines, "Run info")
+    try:
+        state = json.loads(status_path(path).read_text())
+        status, detail = state["status"], state.get("detail")
+    except (OSError, json.JSONDecodeError, KeyError):
+        name, _, rest = (_header_value(lines, "Status") or "unknown").partition(" (")
+        status, detail = name, rest.rstrip(")") or None
+    return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
+            "run_info": json.loads(info) if info else {}}
