@@ -13,8 +13,8 @@ import numpy as np
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (no display), chosen here rather than at import."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display; set here, not at import of this module
+    import matplotlib  # lazy: matplotlib costs ~1 s to import and the backend is chosen here, never at import
+    matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
     return plt
 
@@ -46,7 +46,7 @@ def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str
             colorbar_label: str = "", log_scale: bool = False) -> list[Path]:
     """A labelled B×B heat-map with a colour bar, written as PDF and PNG. The input is copied, never modified."""
     plt = pyplot()
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # lazy, with pyplot
 
     values = np.array(matrix, dtype=float, copy=True)
     n = values.shape[0]

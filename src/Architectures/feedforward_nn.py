@@ -208,7 +208,7 @@ class ResidualBlock(nn.Module):
             _make_activation(activation),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=not batch_norm), norm(out_channels),
         )
-        # A channel change needs a projection on the skip path (the first implementation crashed here).
+        # A channel change needs a projection on the skip path: the identity cannot add tensors of two widths.
         self.skip = nn.Identity() if in_channels == out_channels else nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=not batch_norm), norm(out_channels))
         self.activation = _make_activation(activation)
@@ -304,7 +304,7 @@ class EnsembleFeedForwardNetwork(_Ensemble):
     ``blocks`` concatenates the members' blocks in member order (the same modules).
     Voting: ``"average"`` averages the member outputs; ``"random"`` picks one random member
     per sample while training (``self.training``) and averages in eval mode, so reported
-    accuracy is deterministic (the first implementation voted randomly in evaluation too).
+    accuracy is deterministic (a random vote in evaluation would make the reported accuracy random).
 
     Args:
         configs: one width list per member, e.g. ``[[16, 16], [32, 32]]``.

@@ -7,9 +7,9 @@ outside the blocks are held fixed. The loss is ``criterion(model(inputs), target
 Measurement mode is the caller's choice and is used as is: call ``model.eval()`` first to measure the eval-mode
 Hessian. Nothing here changes the model's parameters, buffers or ``.grad``: the loss is evaluated with
 ``torch.func.functional_call`` on detached copies. A random forward pass (dropout in train mode) is refused: two
-evaluations of the loss must agree. BatchNorm in
-train mode is measured with batch statistics through the slower ``torch.autograd`` path, because
-``vmap(jvp(grad))`` cannot run a module that updates its running statistics (FIELD_NOTES, "Hessian-vector products").
+evaluations of the loss must agree. BatchNorm in train mode is measured with batch statistics through the slower
+``torch.autograd`` path, because ``vmap(jvp(grad))`` cannot run a module that updates its running statistics
+(see docs/notes.md, "Hessian-vector products", for the measured costs of each HVP path).
 """
 from __future__ import annotations
 

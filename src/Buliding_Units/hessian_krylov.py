@@ -1,6 +1,7 @@
 """All-pairs Hessian block norms from batched Krylov steps with a pooled Rayleigh-Ritz lower bound.
 
-Only needs a batched HVP, V (m, N) -> H V (m, N). Algorithm (FIELD_NOTES, "All-pairs block norms"):
+Only needs a batched HVP, V (m, N) -> H V (m, N). Algorithm (costs and measurements in docs/notes.md,
+"All-pairs block norms"):
 
 - A probe supported on block j returns H_ij v for every block i at once, and H_ji = H_ijᵀ, so only pairs i < j.
 - Pair (i, j): Golub-Kahan bidiagonalisation of A = H_ij with full reorthogonalisation. Call A of a round applies

@@ -97,7 +97,7 @@ def _read_digits() -> tuple[Tensor, Tensor]:
         table = np.loadtxt(csv, delimiter=",")
         pixels, labels = table[:, :-1], table[:, -1]
     else:  # a scikit-learn whose data layout changed: take the slow, public road
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: scikit-learn costs ~1 s to import, rarely needed here
         pixels, labels = load_digits(return_X_y=True)
     return torch.as_tensor(pixels, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.int64)
 
@@ -128,7 +128,8 @@ def _load_digits_flat(root: Path, download: bool, seed: int) -> Split:
     return TensorDataset((x_train - mean) / std, y_train), TensorDataset((x_test - mean) / std, y_test), 10
 
 
-# --- torchvision: decoded lazily ---------------------------------------------------------------
+# --- torchvision: imported inside each loader (a second or more of start-up that the default digits run never
+# needs), decoded lazily -----------------------------------------------------------------------------------------
 
 class _Flatten:
     """(C, H, W) -> (C·H·W). A class, not a lambda, so that spawned DataLoader workers can pickle it."""

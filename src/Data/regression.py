@@ -64,7 +64,7 @@ def _synthetic_regression(seed: int) -> Split:
 
 
 def _diabetes(seed: int) -> Split:
-    from sklearn.datasets import load_diabetes
+    from sklearn.datasets import load_diabetes  # lazy: scikit-learn costs ~1 s to import; one data set needs it
     features, target = load_diabetes(return_X_y=True, scaled=False)
     x = torch.as_tensor(features, dtype=torch.float32)
     y = torch.as_tensor(target, dtype=torch.float32).unsqueeze(1)
