@@ -6,11 +6,14 @@
 
 Writes ``reports/R<hash>.txt`` (header + progress lines), ``reports/R<hash>.metrics.jsonl`` (one JSON record per
 progress check), ``figures/training_curve_R<hash>.{pdf,png}`` and whatever the units in ``measurements/Units.txt``
-write. Exit status: 0 finished or stopped by a stopper, 1 failed, 2 bad input (nothing written), 130 interrupted.
+write; checkpoints under ``checkpoints/R<hash>/`` and the model as ``reports/R<hash>.model.pt``. Exit status: 0 finished
+or stopped by a stopper, 1 failed, 2 bad input (nothing written), 3 the same run is already running, 130 interrupted.
 """
 from __future__ import annotations
 
 import math
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -21,15 +24,20 @@ if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` fin
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from src.Architectures.Models import MODELS  # noqa: E402 - after the path fix above
+import torch  # noqa: E402
+from src.Buliding_Units.checkpoint import restore  # noqa: E402
 from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, generate_ModelFrame  # noqa: E402
-from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_measurement_units  # noqa: E402
+from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text  # noqa: E402
+from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume, load_run,  # noqa: E402
+                                     read_config, recover_dead_holder, save_model, write_config)
 from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
 from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, engine_table, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
-from src.Optimizer_Engines.worker_plan import torchrun_rank  # noqa: E402
+from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
 from src.plots import training_curve  # noqa: E402
+from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import Paths, Reporter, format_progress  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
@@ -67,6 +75,13 @@ DEFAULTS: dict[str, Any] = {
     "early_stop_min_delta": 0.0,  # an improvement must exceed this
     "target_monitor": "test_accuracy",  # metric of the target stopper
     "target_value": None,  # stop once target_monitor is strictly better than this (None = off)
+    # --- run records ---
+    "tag": "",  # a label that enters the run id, for deliberate repeats of one experiment
+    "checkpoint_every": 20,  # rounds between checkpoints (0 = off); one more on SIGTERM/SIGINT when on
+    "resume": "no",  # no | yes (also --resume alone) | auto (resume if this run has a checkpoint) | a run id R<hash>
+    "settings_file": "",  # an earlier run's R<hash>.config.json: run that experiment again with exactly its settings
+    "measure_only": "",  # a run id R<hash> (or one of its files): run the measurement units on its saved model
+    "deterministic": False,  # torch.use_deterministic_algorithms(True), and cuDNN's deterministic flags on GPU
 }
 
 _CHOICES = {
@@ -77,7 +92,9 @@ _CHOICES = {
     "optimizer": tuple(OPTIMIZERS),
 }
 _AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
-             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0}
+             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0,
+             "checkpoint_every": 0}
+RUN_ID = re.compile(r"R[0-9a-f]{8}")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -108,6 +125,8 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"--block_update {H['block_update']} cannot run in --training_mode {spec.name}; valid block updates "
            f"for {spec.name}: {list(spec.block_updates)} (gauss_seidel updates one block after another: use "
            f"--training_mode blockwise_sequential)")
+    _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
+           f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
     stoppers(H)
     return spec
 
@@ -124,23 +143,49 @@ def _help_texts() -> dict[str, str]:
     return texts
 
 
+def _defaults_for(argv: Sequence[str]) -> dict[str, Any]:
+    """DEFAULTS, or the settings of ``--settings_file`` when argv names one (flags still override them)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--settings_file=")), None)
+    if path is None and "--settings_file" in argv[:-1]:
+        path = argv[list(argv).index("--settings_file") + 1]
+    if not path:
+        return dict(DEFAULTS)
+    settings = read_config(Path(path))["settings"]
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    _check(not unknown, f"--settings_file {path!r} has keys this dol1.py does not know: {unknown}")
+    return {**DEFAULTS, **settings, "settings_file": path, "resume": "no", "measure_only": ""}
+
+
 def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` against DEFAULTS and validate; argparse errors exit 2, other bad values raise ConfigError."""
-    H = parse_arguments(DEFAULTS, argv, help_texts=_help_texts(), prog="dol1.py",
-                        description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    H = parse_arguments(_defaults_for(argv), argv, help_texts=_help_texts(), prog="dol1.py",
+                        description=__doc__.split("\n\n")[0], bare={"resume": "yes"})
     validate(H)
     return H
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def units_text(H: dict[str, Any]) -> tuple[str, str]:
+    """The text of the run's units file and where it comes from: the recorded text of ``--settings_file``
+    (unless ``--units_file`` names another file), else the units file."""
+    if H["settings_file"]:
+        config = read_config(Path(H["settings_file"]))
+        if "units_text" in config and H["units_file"] == config["settings"].get("units_file"):
+            return config["units_text"], f"{H['settings_file']} (recorded units)"
+    path = H["units_file"] or DEFAULT_UNITS_FILE
+    return read_units_text(path), str(path)
+
+
+def run_identity(H: dict[str, Any]) -> str:
+    """The run id of a resolved configuration (what ``master.py`` tracks runs by)."""
+    return experiment_id(H, units_text(H)[0])
 
 
 class _Progress:
     """tqdm on a terminal; plain progress lines otherwise (tqdm garbles redirected logs)."""
 
     def __init__(self, frame: Frame):
-        self.frame, self.seen, self.bar = frame, 0, None
+        self.frame, self.seen, self.bar = frame, len(frame.history), None
         if sys.stdout.isatty():
             from tqdm import tqdm  # only on a terminal
             self.bar = tqdm(total=frame.H["rounds"], unit="round", initial=frame.round)
@@ -162,26 +207,42 @@ class _Progress:
             self(self.frame.round, self.frame.H["rounds"])
 
 
-def build(H: dict[str, Any], spec: EngineSpec) -> Frame:
-    """Plugins, frame and reporter for a resolved configuration.
+def make_frame(H: dict[str, Any], spec: EngineSpec) -> Frame:
+    """Plugins and frame for a resolved configuration, writing nothing.
 
     Raises:
         ConfigError: a bad units file, data that cannot be loaded, a model that does not fit, a unit that
             cannot measure this model.
     """
-    paths = Paths.for_output_root(H["output_root"])
-    units = parse_measurement_units(H["units_file"] or DEFAULT_UNITS_FILE)
-    frame = generate_ModelFrame(H, units=stoppers(H) + units, paths=paths, block_copies=spec.block_copies)
+    text, source = units_text(H)
+    frame = generate_ModelFrame(H, units=stoppers(H) + parse_units(text, source),
+                                paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
+    frame.run = experiment_id(H, text)
     for unit in frame.measure_units:
         try:
             unit.prepare(frame)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    return frame
+
+
+def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, resume: dict[str, Any] | None = None,
+          record: dict[str, Any] | None = None) -> Frame:
+    """The frame (``make_frame``'s, or a new one) with its reporter; restored from ``resume`` when given."""
+    frame = frame if frame is not None else make_frame(H, spec)
+    files = RunFiles(frame.paths, frame.run_id)
+    text = units_text(H)[0]
     n_params = sum(p.numel() for p in frame.center_model.parameters())
-    frame.reporter = Reporter(H, paths.reports, run_info={
+    frame.reporter = Reporter(H, files.paths.reports, run=files.run, resume=resume is not None, run_info={
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
         "batch_size": frame.H["batch_size"], "engine": f"{spec.function.__module__}.{spec.function.__qualname__}",
-        "plugins": [repr(u) for u in frame.measure_units + frame.stopper_units]})
+        "plugins": [repr(u) for u in frame.measure_units + frame.stopper_units]},
+        extra_header={"Reproducibility": record or {}, "Units": text})
+    if H["checkpoint_every"] > 0:
+        frame.checkpointer = files.checkpointer()
+    if resume is not None:
+        restore(frame, resume)
+        frame.reporter.rewrite_metrics(frame.history)
     print(f"dol1.py: run {frame.run_id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, "
           f"{n_params} parameters, on {frame.device}); report: {frame.reporter.path}", flush=True)
     return frame
@@ -195,24 +256,43 @@ def _summary(frame: Frame) -> str:
             f"({last.get('wall_time', 0.0):.1f} s): {values}")
 
 
+def _signal_handlers(frame: Frame) -> dict[int, Any]:
+    """SIGINT/SIGTERM: the first asks the loop to checkpoint and stop at the next round boundary, a second stops
+    at once. Returns the previous handlers."""
+    def handle(signum: int, _frame: Any) -> None:
+        if frame.interrupt is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        frame.interrupt = signum
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] | None = None) -> Frame:
-    """Run the engine, draw the training curve and close the report (finished, stopped, failed or interrupted)."""
+    """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
+    or interrupted)."""
     H = frame.H
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM,)}
+    previous = _signal_handlers(frame)
     progress = progress or _Progress(frame)
     try:
         spec.run(frame, progress)
         if hasattr(progress, "close"):
             progress.close()
         figure = frame.paths.figures / f"training_curve_{frame.run_id}"
-        training_curve(frame.history, figure, title=f"{frame.run_id}: {H['training_mode']}, {H['model']}")
-        frame.log(f"Training curve: {figure}.pdf")
+        drawn = training_curve(frame.history, figure, title=f"{frame.run_id}: {H['training_mode']}, {H['model']}")
+        frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
+                  "(engines log through training_loop or log_progress)")
+        frame.log(f"Model: {save_model(frame, RunFiles(frame.paths, frame.run_id))}")
     except KeyboardInterrupt:
         if hasattr(progress, "close"):
             progress.close()
-        frame.reporter.finish("interrupted", "SIGINT/SIGTERM")
-        print(f"dol1.py: interrupted; report: {frame.reporter.path}", file=sys.stderr)
+        name = signal.Signals(frame.interrupt).name if frame.interrupt else "SIGINT"
+        saved = f"; resumable from the checkpoint at round {frame.round}" if frame.checkpointer else ""
+        frame.reporter.finish("interrupted", f"{name}{saved}")
+        print(f"dol1.py: interrupted ({name}); report: {frame.reporter.path}", file=sys.stderr)
         raise SystemExit(130) from None
+    except SystemExit as err:  # an engine that exits has not finished: the report and the exit status agree
+        frame.reporter.fail(err, exit_code=1)
+        raise SystemExit(1) from err
     except BaseException as err:
         frame.reporter.fail(err, exit_code=1)
         raise
@@ -224,19 +304,96 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
     return frame
 
 
+def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[Frame, RunClaim]:
+    """Claim the run, close a dead predecessor's report, find what to resume, build the frame.
+
+    Raises:
+        ConfigError: bad input (nothing written); RunLocked: the run is live elsewhere (nothing written).
+    """
+    text, _ = units_text(H)
+    files = RunFiles(Paths.for_output_root(H["output_root"]), experiment_id(H, text))
+    check_writable(files.paths)
+    resume = find_resume(files, H["resume"], H, text)
+    frame = make_frame(H, spec)  # catches every remaining bad input before anything is written
+    claim = RunClaim(files.paths.reports, files.run)
+    try:
+        previous = read_config(files.config) if resume is not None and files.config.exists() else None
+        recovered = recover_dead_holder(files)
+        record = reproducibility_record(argv, PROJECT_ROOT, H["deterministic"])
+        frame = build(H, spec, frame=frame, resume=resume, record=record)
+        write_config(files, H, text, record)
+    except BaseException:
+        claim.release()
+        raise
+    if recovered:
+        frame.log(recovered)
+    if resume is not None:
+        frame.log(f"Resumed at round {frame.round} from {resume['_path']}"
+                  + "".join(f"; skipped {problem}" for problem in resume["_problems"]))
+    threads = (previous or {}).get("reproducibility", {}).get("torch_threads")
+    if threads is not None and threads != record["torch_threads"]:
+        frame.log(f"Warning: resumed with {record['torch_threads']} torch threads where the run had {threads}: "
+                  f"the rest of the trajectory is not bit-identical to an uninterrupted run")
+    return frame, claim
+
+
+def measure_only(H: dict[str, Any]) -> Frame:
+    """Run the measurement units of ``--units_file`` once on the saved model of run ``H['measure_only']``."""
+    record = load_run(H["measure_only"], H["output_root"] or None)
+    _check(record.model is not None, f"--measure_only {H['measure_only']}: run {record.run_id} has no saved model "
+                                     f"{str(record.files.model)!r} (only finished or stopped runs save one)")
+    text, source = units_text(H)
+    frame = generate_ModelFrame(record.settings, units=parse_units(text, source), paths=record.files.paths,
+                                block_copies=False)
+    frame.center_model.load_state_dict(record.model.state_dict())
+    frame.run, frame.round = record.run_id, record.history[-1]["round"] if record.history else 0
+    for unit in frame.measure_units:
+        unit.prepare(frame)
+        log = frame.paths.measurements / f"{type(unit).__name__}_{record.run_id}.jsonl"
+        unit.log_path, unit.count = log, len(log.read_text().splitlines()) if log.exists() else 0
+        unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})
+        print(f"dol1.py: {type(unit).__name__} measured run {record.run_id} at round {frame.round}: {log}")
+    return frame
+
+
+def _refuse_torchrun_copies(spec: EngineSpec) -> None:
+    env = torchrun_env()
+    _check(env is None or env.world_size == 1 or spec.torchrun_worker is not None,
+           f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={env and env.world_size}"
+           f" it would run that many identical copies. Use a multi-process mode "
+           f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
+
+
 def main(argv: Sequence[str] | None = None) -> Frame | None:
-    """Run one experiment: resolve → build → train; returns the trained Frame (None on a torchrun rank > 0)."""
+    """Run one experiment: resolve → open (claim, resume) → train; returns the trained Frame (None on a torchrun
+    rank > 0)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         H = resolve_config(argv)
         spec = resolve_engine(H["training_mode"])
-        if spec.torchrun_worker is not None and torchrun_rank() > 0:  # follow rank 0, write nothing
-            spec.torchrun_worker(H)
+        _refuse_torchrun_copies(spec)
+        if H["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        if H["measure_only"]:
+            return measure_only(H)
+        if spec.torchrun_worker is not None and torchrun_rank() > 0:
+            spec.torchrun_worker(H)  # follow rank 0, write nothing
             return None
-        frame = build(H, spec)
+        frame, claim = open_run(H, spec, argv)
     except ConfigError as err:
         print(f"dol1.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(frame, spec)
+    except RunLocked as err:
+        run = run_identity(H)
+        print(f"dol1.py: error: run {run} is already running (pid {err}); report: "
+              f"{Paths.for_output_root(H['output_root']).report(run)}", file=sys.stderr)
+        raise SystemExit(3) from None
+    try:
+        return train(frame, spec)
+    finally:
+        claim.release()
 
 
 if __name__ == "__main__":

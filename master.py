@@ -154,7 +154,8 @@ def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[
         grid, fixed = sw.load_spec(args.grid, args.fixed, args.sweep)
         if not grid and not fixed:
             raise sw.SweepError("nothing to sweep: give --grid and/or --fixed, or --sweep FILE")
-        runs = sw.expand(grid, fixed, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT)
+        runs = sw.expand(grid, fixed, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT, dol1.run_identity,
+                         always={"resume": "auto"})
         sw.read_tracker(Path(args.tracker))  # a broken tracker is bad input too, found before anything starts
     except sw.SweepError as err:
         _fail(str(err), 2)

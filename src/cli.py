@@ -67,7 +67,7 @@ def key_comments(source: str) -> dict[str, str]:
 
 def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = None,
                     help_texts: Mapping[str, str] | None = None, description: str | None = None,
-                    prog: str | None = None) -> dict[str, Any]:
+                    prog: str | None = None, bare: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Turn a dict of defaults into a strict command line and parse ``argv``.
 
     Every key becomes ``--key VALUE`` (or ``--key=VALUE``). Values are Python literals, so
@@ -81,16 +81,18 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
         help_texts: key -> one line of help for ``--help``.
         description: shown at the top of ``--help``.
         prog: program name for messages.
+        bare: key -> the value a flag given without a value stands for (``--resume`` alone = ``yes``).
 
     Returns:
         A new dict: the defaults with the given flags applied.
     """
-    help_texts = help_texts or {}
+    help_texts, bare = help_texts or {}, bare or {}
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, default in defaults.items():
+        optional = {"nargs": "?", "const": bare[key]} if key in bare else {}
         parser.add_argument(f"--{key}", dest=key, default=default, type=_converter(key, default),
                             metavar="VALUE" if default is None else _type_name(default).split(" ")[0].upper(),
-                            help=help_texts.get(key, " "))
+                            help=help_texts.get(key, " "), **optional)
     return vars(parser.parse_args(argv))
 

@@ -20,7 +20,12 @@ def pyplot():
 
 
 def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> list[Path]:
-    """Loss and accuracy (train and test) against rounds and against wall time; writes ``path`` (.pdf and .png)."""
+    """Loss and accuracy (train and test) against rounds and against wall time; writes ``path`` (.pdf and .png).
+
+    Returns the files written: none when ``history`` is empty (an engine that logged no progress).
+    """
+    if not history:
+        return []
     plt = pyplot()
     metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)

@@ -163,34 +163,83 @@ def format_progress(m: Mapping[str, Any]) -> str:
     return f"Round {m['round']}: " + ", ".join(parts)
 
 
+def _replace_header(path: Path, values: Mapping[str, str]) -> None:
+    """Rewrite the header lines ``Key: value`` named in ``values`` (first occurrence each), atomically."""
+    lines = path.read_text().splitlines(keepends=True)
+    todo = dict(values)
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if key in todo:
+            lines[i] = f"{key}: {todo.pop(key)}\n"
+        if not todo:
+            break
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+def write_status(reports_dir: Path, run: str, status: str, detail: str | None = None, pid: int | None = None) -> None:
+    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line."""
+    write_json_atomic(reports_dir / f"{run}.status.json", {
+        "run_id": run, "status": status, "detail": detail, "pid": os.getpid() if pid is None else pid,
+        "updated": datetime.now().isoformat()})
+    report = reports_dir / f"{run}.txt"
+    if report.exists():
+        _replace_header(report, {"Status": status + (f" ({detail})" if detail else "")})
+
+
+def read_status(reports_dir: Path, run: str) -> dict[str, Any] | None:
+    """A run's status file, or None when there is none (or it is unreadable or not a status)."""
+    try:
+        state = json.loads((reports_dir / f"{run}.status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("status"), str) else None
+
+
 class Reporter:
     """Run logger: the report ``R<hash>.txt``, its status file ``R<hash>.status.json`` and the metrics file.
 
     Header lines of the report: ``Process ID``, ``Status`` (alive, then finished / stopped / failed / interrupted),
-    ``Hyperparameters: {json}``, and ``Run info: {json}`` (torch version, device, git commit, plugins...).
-    A report of the same configuration that already exists is renamed ``R<hash>.<n>.txt`` first, together with
-    its status and metrics files, so re-running never destroys an earlier result.
+    ``Hyperparameters: {json}``, ``Run info: {json}`` (torch version, device, git commit, plugins...), then any
+    ``extra_header`` lines (``Key: {json}``). A report of the same run id that already exists is renamed
+    ``R<hash>.<n>.txt`` first, together with its status and metrics files, so re-running never destroys an earlier
+    result — unless ``resume`` is set: then the existing report is continued (new process id, status alive).
+
+    Args:
+        H: the settings, written in the header.
+        reports_dir: where the files go (default ``<project>/reports``).
+        run_info: facts about the run for the ``Run info`` line.
+        run: the run id (default: ``run_id(H)``).
+        resume: continue an existing report instead of archiving it.
+        extra_header: more ``Key: {json}`` header lines for a new report.
     """
 
     STATUSES = ("alive", "finished", "stopped", "failed", "interrupted")
 
     def __init__(self, H: Mapping[str, Any], reports_dir: str | Path | None = None,
-                 run_info: Mapping[str, Any] | None = None):
+                 run_info: Mapping[str, Any] | None = None, *, run: str | None = None, resume: bool = False,
+                 extra_header: Mapping[str, Any] | None = None):
         self.H = dict(H)
-        self.run_id = run_id(self.H)
+        self.run_id = run or run_id(self.H)
         self.dir = Path(reports_dir) if reports_dir else Paths().reports
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"{self.run_id}.txt"
         self.status_path = self.dir / f"{self.run_id}.status.json"
         self.metrics_path = self.dir / f"{self.run_id}.metrics.jsonl"
-        archive_run(self.dir, self.run_id)
-        info = {"torch": torch.__version__, "git_commit": git_commit(), **(run_info or {})}
-        self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\n"
-                             f"Hyperparameters: {json.dumps(self.H, sort_keys=True)}\n"
-                             f"Run info: {json.dumps(info, sort_keys=True, default=str)}\n")
-        self.metrics_path.touch()
         self.status = "alive"
-        self._write_status(None)
+        if resume and self.path.exists():
+            _replace_header(self.path, {"Process ID": str(os.getpid())})
+        else:
+            archive_run(self.dir, self.run_id)
+            info = {"torch": torch.__version__, "git_commit": git_commit(), **(run_info or {})}
+            extra = "".join(f"{k}: {json.dumps(v, sort_keys=True, default=str)}\n"
+                            for k, v in (extra_header or {}).items())
+            self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\n"
+                                 f"Hyperparameters: {json.dumps(self.H, sort_keys=True)}\n"
+                                 f"Run info: {json.dumps(info, sort_keys=True, default=str)}\n" + extra)
+            self.metrics_path.touch()
+        write_status(self.dir, self.run_id, "alive")
 
     def log(self, message: str) -> None:
         """Append ``[YYYY-MM-DD HH:MM:SS] message``."""
@@ -203,24 +252,19 @@ class Reporter:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(dict(record), default=float) + "\n")
 
-    def _write_status(self, detail: str | None) -> None:
-        write_json_atomic(self.status_path, {"run_id": self.run_id, "status": self.status, "detail": detail,
-                                             "pid": os.getpid(), "updated": datetime.now().isoformat()})
+    def rewrite_metrics(self, history: list[Mapping[str, Any]]) -> None:
+        """Replace the metrics file by ``history`` (a resumed run drops what an interrupted attempt wrote after its
+        checkpoint)."""
+        tmp = self.metrics_path.with_name(self.metrics_path.name + f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(dict(r), default=float) + "\n" for r in history))
+        os.replace(tmp, self.metrics_path)
 
     def set_status(self, status: str, detail: str | None = None) -> None:
         """Record a new status: the status file, then the report's ``Status:`` line (both atomically replaced)."""
         if status not in self.STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {list(self.STATUSES)}")
         self.status = status
-        self._write_status(detail)
-        lines = self.path.read_text().splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            if line.startswith("Status:"):
-                lines[i] = f"Status: {status}" + (f" ({detail})" if detail else "") + "\n"
-                break
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, self.path)
+        write_status(self.dir, self.run_id, status, detail)
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         """Close the run with a final status and, where given, the reason."""
@@ -256,12 +300,14 @@ def read_report(path: str | Path) -> dict[str, Any]:
     pid, hyper = _header_value(lines, "Process ID"), _header_value(lines, "Hyperparameters")
     if pid is None or hyper is None:
         raise ValueError(f"{path} is not a report (no 'Process ID' or 'Hyperparameters' line)")
-    info = _header_value(lines, "Run info")
+    info, record = _header_value(lines, "Run info"), _header_value(lines, "Reproducibility")
     try:
         state = json.loads(status_path(path).read_text())
         status, detail = state["status"], state.get("detail")
-    except (OSError, json.JSONDecodeError, KeyError):
+        if not isinstance(status, str):
+            raise TypeError(f"status {status!r} is not a string")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # missing or damaged: the report's own line
         name, _, rest = (_header_value(lines, "Status") or "unknown").partition(" (")
         status, detail = name, rest.rstrip(")") or None
     return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
-            "run_info": json.loads(info) if info else {}}
+            "run_info": json.loads(info) if info else {}, "reproducibility": json.loads(record) if record else {}}

@@ -1,9 +1,9 @@
 """Seeds, plus the seed README's utility names in one place.
 
-The utilities themselves live in one module per concern, all on the ground floor (they import nothing of the
-project above them): the command line in :mod:`src.cli`, block copies in :mod:`src.blocks`, the batch-size probe
-in :mod:`src.batch_probe`, the Reporter and run files in :mod:`src.reporting`. The ``Units.txt`` parser moved next
-to the plugins it builds: :func:`src.Buliding_Units.plugins.parse_measurement_units`.
+The utilities live in one module per concern, all on the ground floor (they import nothing of the project above
+them): the command line in :mod:`src.cli`, block copies in :mod:`src.blocks`, the batch-size probe in
+:mod:`src.batch_probe`, the Reporter and run files in :mod:`src.reporting`. The ``Units.txt`` parser lives next to
+the plugins it builds, a floor up: :func:`src.Buliding_Units.plugins.parse_measurement_units`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import torch
 from src.batch_probe import get_max_batch_size
 from src.blocks import block_tensors, copy_block, copy_model
 from src.cli import ConfigError, key_comments, parse_arguments
-from src.reporting import PROJECT_ROOT, Reporter, read_report, run_id
+from src.reporting import PROJECT_ROOT, Reporter, archive_existing, git_commit, read_report, run_id
 
-__all__ = ["PROJECT_ROOT", "ConfigError", "Reporter", "block_tensors", "copy_block", "copy_model",
-           "get_max_batch_size", "key_comments", "parse_arguments", "read_report", "run_id", "set_seed"]
+__all__ = ["PROJECT_ROOT", "ConfigError", "Reporter", "archive_existing", "block_tensors", "copy_block", "copy_model",
+           "get_max_batch_size", "git_commit", "key_comments", "parse_arguments", "read_report", "run_id",
+           "set_seed"]
 
 
 def set_seed(seed: int) -> None:

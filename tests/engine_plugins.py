@@ -22,3 +22,25 @@ def train_two_sweeps(frame, progress=None):
         blockwise_round(frame, 2 * round_index)
         return blockwise_round(frame, 2 * round_index + 1)
     return training_loop(frame, step, progress)
+
+
+def takes_nothing():
+    """Not an engine: it cannot take a Frame."""
+
+
+# The README's "Extending the framework" recipe, verbatim: a Jacobi round written from the loop's helpers.
+from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches  # noqa: E402
+
+
+@register_engine("readme_jacobi", block_copies=True)
+def train_readme_jacobi(frame, progress=None):
+    """The README's example engine: Jacobi rounds from the loop's helpers."""
+    def step(frame, round_index):                         # one round; returns the deviation it measured
+        blocks = active_blocks(round_index, frame.n_blocks, frame.H["active_share"], frame.H["seed"])
+        batches = round_batches(frame, round_index)       # batches r·K … r·K+K−1 of the seeded order
+        for b in blocks:
+            local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
+        frame.steps += len(blocks) * len(batches)         # the counters every report logs
+        frame.samples += sum(len(y) for _, y in batches)
+        return frame.communicate(blocks)                  # deviation, damped gather, delay, scatter
+    return training_loop(frame, step, progress)           # logging, measurements, stoppers, checkpoints

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUND = ("src.cli", "src.blocks", "src.batch_probe", "src.reporting", "src.plots", "src.utils")
+GROUND = ("src.cli", "src.blocks", "src.batch_probe", "src.records", "src.reporting", "src.plots", "src.utils")
 
 
 def layer(module: str) -> int:
@@ -50,6 +50,9 @@ def imports_of(path: Path, mods: dict[str, Path], name: str) -> set[str]:
                 found.add(target if target in mods else base)
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            found.add(str(node.args[0].value))  # importlib.import_module("src.x") is an import too
     return {m for m in found if m in mods and m != name}
 
 
@@ -70,10 +73,12 @@ def test_imports_only_go_down_and_never_circle():
 
 def test_the_checker_sees_an_upward_import(tmp_path):
     fake = tmp_path / "mod.py"
-    fake.write_text("def f():\n    from src.Optimizer_Engines.BCD_engine import train_entire\n")
+    fake.write_text("import importlib\n\n\ndef f():\n    from src.Optimizer_Engines.BCD_engine import train_entire\n"
+                    "    return importlib.import_module('src.Sweeps.grid')\n")
     mods = project_modules()
     deps = imports_of(fake, mods, "src.reporting")
-    assert deps == {"src.Optimizer_Engines.BCD_engine"} and layer("src.Optimizer_Engines.BCD_engine") > 0
+    assert deps == {"src.Optimizer_Engines.BCD_engine", "src.Sweeps.grid"}
+    assert layer("src.Optimizer_Engines.BCD_engine") > 0 and layer("src.Sweeps.grid") > 0
 
 
 @pytest.mark.parametrize("name,path", sorted(project_modules().items()))
@@ -83,5 +88,5 @@ def test_files_and_functions_stay_readable(name, path):
     n_lines = len(text.splitlines())
     assert n_lines <= 400, f"{path} has {n_lines} lines, over 400"
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 55]
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50]
     assert long == [], f"{path}: functions over ~50 lines"

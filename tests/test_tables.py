@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import dol1
 from src.Buliding_Units.plugins import available_plugins
@@ -102,8 +103,14 @@ def test_decorated_module_in_the_package_appears_in_table_and_help(tmp_path, mon
 @pytest.mark.parametrize("mode, fragment", [
     ("blockwise_sequentail", "Did you mean 'blockwise_sequential'?"),
     ("tests.engine_plugins.nope", "cannot import 'nope'"),
-    ("tests.engine_plugins.__doc__", "not a function that takes a Frame"),
-    ("os.getcwd", "cannot be called with a Frame"),
+    ("tests.engine_plugins.__doc__", "is a str, not a Python function that takes a Frame"),
+    ("os.getcwd", "not a Python function"),
+    ("collections.OrderedDict", "is a class"),
+    ("tests.engine_plugins.takes_nothing", "cannot be called with a Frame"),
+    ("tests.engine_plugins.train_plian", "Did you mean tests.engine_plugins.train_plain?"),
+    ("tests.broken_engine_module.train", "importing 'tests.broken_engine_module' failed: RuntimeError"),
+    ("nosuchpackage.mod.train", "add your package's folder to PYTHONPATH"),
+    (".tests.engine_plugins.train_plain", "is not valid"),
 ])
 def test_bad_engines_exit_2_before_anything_is_written(tmp_path, capsys, mode, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -116,3 +123,14 @@ def test_bad_engines_exit_2_before_anything_is_written(tmp_path, capsys, mode, f
 def test_register_engine_refuses_a_taken_name():
     with pytest.raises(ValueError, match="taken by"):
         register_engine("entire")(lambda frame: frame)
+
+
+def test_readme_engine_recipe_trains_like_the_sequential_jacobi_engine(tmp_path):
+    """The recipe in the README is a working engine: it matches blockwise_sequential (Jacobi) exactly."""
+    common = TINY + ["--units_file", empty_units(tmp_path), "--K", "2", "--gamma", "0.5", "--active_share", "0.7"]
+    ours = dol1.main(common + ["--training_mode", "tests.engine_plugins.train_readme_jacobi",
+                               "--output_root", str(tmp_path / "a")])
+    reference = dol1.main(common + ["--training_mode", "blockwise_sequential", "--output_root", str(tmp_path / "b")])
+    for key, value in reference.center_model.state_dict().items():
+        assert torch.equal(value, ours.center_model.state_dict()[key]), key
+    assert (ours.steps, ours.samples) == (reference.steps, reference.samples) and ours.steps > 0

@@ -46,6 +46,22 @@ class MeasurementUnit(ABC):
         """The constructor arguments, for the report."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the number of measurements so far and the log's file name."""
+        return {"count": self.count, "log_name": self.log_path.name if self.log_path is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], frame: Any) -> None:
+        """Continue after a resume: the same numbering, appending to the same log without the records of rounds
+        after the checkpoint (an interrupted attempt may have written some)."""
+        self.count = state["count"]
+        if state["log_name"] is None:
+            return
+        self.log_path = frame.paths.measurements / state["log_name"]
+        if self.log_path.exists():
+            kept = [line for line in self.log_path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("round", 0) <= frame.round]
+            self.log_path.write_text("".join(kept))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
 

@@ -29,7 +29,7 @@ from src.blocks import block_tensors
 from src.Buliding_Units.StopperUnit import StopperUnit
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
-from src.Optimizer_Engines import resolve_engine
+from src.Optimizer_Engines import registered_engine
 from src.reporting import Paths, run_id
 from src.utils import set_seed
 
@@ -66,6 +66,10 @@ class Frame:
     Attributes set by the engines while training: ``round`` (completed rounds), ``steps`` (gradient steps,
     one per block per local step), ``samples`` (training samples consumed), ``history`` (one metrics dict per
     progress check), ``timers`` (seconds of compute, communication, logging, measurement), ``stop_reason``.
+    Run plumbing: ``checkpointer`` (writes checkpoints at round boundaries), ``interrupt`` (a signal number set by
+    the script's handler: the loop checkpoints at the next round boundary and raises KeyboardInterrupt),
+    ``elapsed`` (training seconds before a resume), ``remote_state`` (a multi-process engine's collector of the
+    other ranks' state for a checkpoint), ``restored_rng`` (every rank's RNG state after a resume).
     """
 
     H: dict[str, Any]
@@ -88,12 +92,20 @@ class Frame:
     stop_reason: str | None = None
     start_time: float = field(default_factory=time.perf_counter)
     bytes_sent: int = 0
+    checkpointer: Any = None
+    run: str | None = None
+    interrupt: int | None = None
+    elapsed: float = 0.0
+    remote_state: Callable[[], dict[str, Any]] | None = None
+    restored_rng: dict[int, Any] | None = None
 
     def __post_init__(self) -> None:
         self.train_batches = self.data.batches(self.H["batch_size"], self.H["seed"])
 
     @property
     def run_id(self) -> str:
+        if self.run is not None:
+            return self.run
         return self.reporter.run_id if self.reporter is not None else run_id(self.H)
 
     @property
@@ -207,14 +219,19 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
 
     The centre model is created right after ``set_seed(H['seed'])``, so every process building the same H gets
     the same initial weights. Whether the frame holds one model copy per block (a ``Disributed_frame``) is the
-    engine's choice, read from the engine table for ``H['training_mode']`` unless ``block_copies`` says it.
+    engine's choice: ``block_copies``, or else the registered engine of ``H['training_mode']`` (the factory never
+    imports an engine: ``dol1.py`` resolves the mode first).
 
     Raises:
         ConfigError: the dataset cannot be loaded, the config does not fit the model, or the mode is unknown.
     """
     H = dict(H)
     if block_copies is None:
-        block_copies = resolve_engine(H["training_mode"]).block_copies
+        spec = registered_engine(H["training_mode"])
+        if spec is None:
+            raise ConfigError(f"--training_mode {H['training_mode']!r} is not a registered engine: resolve it "
+                              f"first (src.Optimizer_Engines.resolve_engine) or pass block_copies")
+        block_copies = spec.block_copies
     device = device if device is not None else select_device(H["cuda_core"])
     try:
         data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"])

@@ -60,8 +60,8 @@ def resolve_plugin(name: str, where: str = "Units.txt", plugins: dict[str, type]
         module_name, _, cls_name = name.rpartition(".")
         try:
             found = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"{where}: cannot import plugin {name!r}: {err}") from err
+        except Exception as err:  # a missing module or name, or a module that raises while it is imported
+            raise ConfigError(f"{where}: cannot import plugin {name!r}: {type(err).__name__}: {err}") from err
         if not (inspect.isclass(found) and issubclass(found, PLUGIN_BASES)) or inspect.isabstract(found):
             raise ConfigError(f"{where}: {name!r} is not a plugin: a plugin is a concrete subclass of "
                               f"{sorted(base.__name__ for base in PLUGIN_BASES)}")
@@ -94,16 +94,39 @@ def parse_measurement_units(path: str | Path | None = None) -> list[Any]:
         ConfigError: naming the file and line, for an unknown plugin (with a did-you-mean and the available
             names), an unknown or malformed argument, or an argument value the plugin rejects.
     """
+    return parse_units(read_units_text(path), str(path) if path else str(DEFAULT_UNITS_FILE))
+
+
+def read_units_text(path: str | Path | None = None) -> str:
+    """The text of a units file (default ``measurements/Units.txt``).
+
+    Raises:
+        ConfigError: the file does not exist, is not a file, or is not UTF-8 text.
+    """
     path = Path(path) if path else DEFAULT_UNITS_FILE
     if not path.is_file():
-        raise ConfigError(f"units file {str(path)!r} does not exist")
+        raise ConfigError(f"units file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"units file {str(path)!r} cannot be read as UTF-8 text: {err}") from err
+
+
+def parse_units(text: str, source: str) -> list[Any]:
+    """Instantiate the plugins listed in the ``Units.txt``-format ``text``; ``source`` names it in messages.
+
+    Raises:
+        ConfigError: as :func:`parse_measurement_units`.
+    """
     plugins = available_plugins()
     units = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line.startswith("-"):
             continue
-        where = f"{path}:{number}"
+        where = f"{source}:{number}"
+        if not line[1:].split():
+            raise ConfigError(f"{where}: a '-' line must name a plugin (e.g. '- Working_memory_usage')")
         name, *args = line[1:].split()
         cls = resolve_plugin(name, where, plugins)
         kwargs = _arguments(cls, name, args, where)

@@ -139,7 +139,7 @@ class _Flatten:
 
 
 def _transform(stats: tuple[tuple[float, ...], tuple[float, ...]], *pre: object, flat: bool = False):
-    from torchvision import transforms
+    from torchvision import transforms  # lazy: see the section comment
     steps = [*pre, transforms.ToTensor(), transforms.Normalize(*stats)]
     return transforms.Compose(steps + ([_Flatten()] if flat else []))
 
@@ -159,7 +159,7 @@ def _open(name: str, folder: Path, download: bool, build: Callable[[], tuple[Dat
 
 
 def _mnist(name: str, root: Path, download: bool, transform) -> tuple[Dataset, Dataset]:
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # lazy: see the section comment
     return _open(name, root / "MNIST" / "raw", download, lambda: (
         MNIST(root, train=True, transform=transform, download=download),
         MNIST(root, train=False, transform=transform, download=download)))
@@ -167,7 +167,7 @@ def _mnist(name: str, root: Path, download: bool, transform) -> tuple[Dataset, D
 
 def _mnist_images():
     """28×28 grey -> 3×32×32: bilinear resize, channel repeated, normalised."""
-    from torchvision import transforms
+    from torchvision import transforms  # lazy: see the section comment
     three = (MNIST_STATS[0] * 3, MNIST_STATS[1] * 3)
     return _transform(three, transforms.Resize(IMAGE_SIZE), transforms.Grayscale(num_output_channels=3))
 
@@ -188,7 +188,7 @@ def _load_mini_mnist(root: Path, download: bool, seed: int) -> Split:
 
 
 def _load_cifar10(root: Path, download: bool, seed: int) -> Split:
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # lazy: see the section comment
     transform = _transform(CIFAR10_STATS)
     return (*_open("cifar10", root / CIFAR10.base_folder, download, lambda: (
         CIFAR10(root, train=True, transform=transform, download=download),
@@ -196,7 +196,7 @@ def _load_cifar10(root: Path, download: bool, seed: int) -> Split:
 
 
 def _load_cifar100(root: Path, download: bool, seed: int) -> Split:
-    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import CIFAR100  # lazy: see the section comment
     transform = _transform(CIFAR100_STATS)
     return (*_open("cifar100", root / CIFAR100.base_folder, download, lambda: (
         CIFAR100(root, train=True, transform=transform, download=download),
@@ -204,7 +204,7 @@ def _load_cifar100(root: Path, download: bool, seed: int) -> Split:
 
 
 def _load_svhn(root: Path, download: bool, seed: int) -> Split:
-    from torchvision.datasets import SVHN
+    from torchvision.datasets import SVHN  # lazy: see the section comment
     folder, transform = root / "svhn", _transform(SVHN_STATS)
     return (*_open("svhn", folder, download, lambda: (
         SVHN(folder, split="train", transform=transform, download=download),
@@ -212,8 +212,8 @@ def _load_svhn(root: Path, download: bool, seed: int) -> Split:
 
 
 def _load_imagenet(root: Path, download: bool, seed: int) -> Split:
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+    from torchvision import transforms  # lazy: see the section comment
+    from torchvision.datasets import ImageFolder  # lazy: see the section comment
     folder = root / "imagenet"
     transform = _transform(IMAGENET_STATS, transforms.Resize(IMAGE_SIZE + 4), transforms.CenterCrop(IMAGE_SIZE))
     # ImageFolder cannot download; download=True changes nothing here.

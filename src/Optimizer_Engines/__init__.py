@@ -11,7 +11,8 @@ so nothing else needs editing), or anywhere else and named on the command line b
 (``--training_mode mypackage.mymodule.train_my_mode``). ``dol1.py``'s validation and ``--help``, the frame
 factory and the tests all read this table; nothing else lists the modes.
 
-This module imports nothing of the project: the engines import it (to register), never the other way round.
+This module imports only ``src.cli`` (for ``ConfigError``): the engines import it to register, never the other way
+round, and the frame factory reads the registered entries without importing any engine.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import difflib
 import importlib
 import inspect
 import pkgutil
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -73,6 +75,7 @@ def register_engine(name: str | Callable[..., Any] | None = None, *, block_copie
         ValueError: another function is already registered under that name.
     """
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        _check_engine_signature(function, f"@register_engine on {function.__qualname__}", ValueError)
         spec = EngineSpec(name if isinstance(name, str) else function.__name__, function, block_copies,
                           tuple(block_updates), torchrun_worker)
         known = ENGINES.get(spec.name)
@@ -87,29 +90,51 @@ def register_engine(name: str | Callable[..., Any] | None = None, *, block_copie
     return decorate(name) if callable(name) else decorate
 
 
+def _check_engine_signature(function: Any, what: str, error: type[Exception]) -> None:
+    """An engine is a Python function (or method) that can be called with one positional argument, the Frame."""
+    if not (inspect.isfunction(function) or inspect.ismethod(function)):
+        kind = "a class" if inspect.isclass(function) else f"a {type(function).__name__}"
+        raise error(f"{what} is {kind}, not a Python function that takes a Frame")
+    try:
+        inspect.signature(function).bind(object())
+    except TypeError as err:
+        raise error(f"{what} cannot be called with a Frame: {err}") from err
+
+
 def engine_table() -> dict[str, EngineSpec]:
-    """Every registered engine by name, after importing each module of this package once (sorted by name)."""
+    """Every registered engine by name, after importing each module of this package once (sorted by name).
+
+    Raises:
+        ConfigError: a module of the package cannot be imported (its name and the error are in the message).
+    """
     for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+        name = f"{__name__}.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # a user's engine module may fail in any way: name it instead of a traceback
+            raise ConfigError(f"engine module {name} cannot be imported: {type(err).__name__}: {err}") from err
     return dict(sorted(ENGINES.items()))
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _from_dotted_path(path: str) -> EngineSpec:
     module_name, _, attr = path.rpartition(".")
     try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--training_mode {path!r}: cannot import {attr!r} from {module_name!r}: {err}") \
-            from err
-    if not callable(function):
-        raise ConfigError(f"--training_mode {path!r} is a {type(function).__name__}, not a function that takes "
-                          f"a Frame")
-    try:
-        inspect.signature(function).bind(object())
-    except TypeError as err:
-        raise ConfigError(f"--training_mode {path!r} cannot be called with a Frame: {err}") from err
-    except ValueError:  # no signature available (a builtin): let the call decide
-        pass
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"--training_mode {path!r}: cannot import {module_name!r} ({err}); dol1.py imports from "
+                          f"the project folder and PYTHONPATH, so add your package's folder to PYTHONPATH") from err
+    except Exception as err:  # the module itself raised while importing
+        raise ConfigError(f"--training_mode {path!r}: importing {module_name!r} failed: "
+                          f"{type(err).__name__}: {err}") from err
+    if not hasattr(module, attr):
+        close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f" Did you mean {module_name}.{close[0]}?" if close else ""
+        raise ConfigError(f"--training_mode {path!r}: cannot import {attr!r} from {module_name!r}.{hint}")
+    function = getattr(module, attr)
+    _check_engine_signature(function, f"--training_mode {path!r}", ConfigError)
     spec = getattr(function, "engine_spec", None)
     return spec if isinstance(spec, EngineSpec) else EngineSpec(path, function)
 
@@ -124,9 +149,14 @@ def resolve_engine(name: str) -> EngineSpec:
     table = engine_table()
     if name in table:
         return table[name]
-    if "." in name.strip(".") and " " not in name:
+    if _DOTTED.fullmatch(name):
         return _from_dotted_path(name)
     close = difflib.get_close_matches(name, table, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"--training_mode {name!r} is not valid.{hint} Valid: {sorted(table)}, or a dotted path "
                       f"package.module.function to a function that takes a Frame")
+
+
+def registered_engine(name: str) -> EngineSpec | None:
+    """The engine registered under ``name`` so far, without importing anything (None if none is)."""
+    return ENGINES.get(name)

@@ -4,7 +4,8 @@ The same Jacobi algorithm as ``train_blockwise_sequential``, with the blocks spr
 processes. Each rank owns the copies (and the optimisers) of blocks ``b`` with ``b % n == rank`` for the whole run,
 and one round is:
 
-1. rank 0 broadcasts the round index (or ``STOP``): every rank leaves the loop in the same round;
+1. rank 0 broadcasts the round index (or ``STOP``, or ``CHECKPOINT``: every rank sends its state to rank 0, see
+   ``distributed_state.py``): every rank leaves the loop in the same round;
 2. every rank takes K local steps on each active block it owns, on batches r·K … r·K + K − 1, which it computes
    itself from the seeded sequence (data never travels between processes);
 3. one ``all_reduce`` of [deviation², compute time of each rank];
@@ -46,6 +47,7 @@ from torch import nn
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
+from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff
 from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
@@ -154,7 +156,9 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
 
 
 def _prepare(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> _Rank:
-    """Keep only this rank's copies, make every centre equal to rank 0's and scatter it into the copies."""
+    """Keep only this rank's copies, make every centre equal to rank 0's and scatter it into the copies; after a
+    resume, every rank then loads its own copies, optimisers and RNG from rank 0's checkpoint."""
+    resumed = [handoff(frame) if rank == 0 else None]
     for b in [b for b in frame.distributed_models if plan.owner(b) != rank]:
         del frame.distributed_models[b], frame.block_optimizers[b]  # rank 0's frame was built with every copy
     comm_device = frame.device if plan.backend == "nccl" else torch.device("cpu")
@@ -162,6 +166,8 @@ def _prepare(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> _Rank:
     state = _Rank(plan, rank, comm_device, scratch)
     _broadcast_tensors(state, block_tensors(frame.center_model), src=0)
     frame.scatter()
+    dist.broadcast_object_list(resumed, src=0)
+    apply_handoff(frame, rank, resumed[0])
     for replica in frame.distributed_models.values():
         replica.train()
     return state
@@ -183,8 +189,11 @@ def centre_spread(frame: Disributed_frame, state: _Rank) -> float:
 def worker_loop(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> None:
     """A rank > 0: prepare, run the rounds rank 0 commands until STOP, then the final centre check."""
     state = _prepare(frame, plan, rank)
-    while (round_index := _command(state)) != STOP:
-        distributed_round(frame, state, round_index, time.perf_counter())
+    while (command := _command(state)) != STOP:
+        if command == CHECKPOINT:
+            gather_states(frame, rank, plan.n)
+        else:
+            distributed_round(frame, state, command, time.perf_counter())
     centre_spread(frame, state)
 
 
@@ -202,7 +211,7 @@ def spawned_worker(rank: int, H: dict[str, Any], plan: WorkerPlan, port: int) ->
     torch.set_num_threads(plan.threads)
     device = torch.device(plan.devices[rank])
     _use_device(device)
-    frame = generate_ModelFrame(H, owned_blocks=plan.assignment[rank], device=device)
+    frame = generate_ModelFrame(H, owned_blocks=plan.assignment[rank], device=device, block_copies=True)
     dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
     try:
@@ -223,7 +232,7 @@ def torchrun_worker(H: dict[str, Any]) -> None:
     n_gpus = gpu_count(base)
     device = torch.device(f"cuda:{((base.index or 0) + env.local_rank) % n_gpus}" if n_gpus else "cpu")
     _use_device(device)
-    frame = generate_ModelFrame(H, device=device)  # every copy; _prepare keeps this rank's
+    frame = generate_ModelFrame(H, device=device, block_copies=True)  # every copy; _prepare keeps this rank's
     plan = torchrun_plan(frame.n_blocks, env, base)
     assert torch.device(plan.devices[env.rank]) == device, (plan, device)
     torch.set_num_threads(plan.threads)
@@ -289,7 +298,15 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
         _command(state, round_index)
         return distributed_round(frame, state, round_index, started)
 
-    training_loop(frame, step, progress)
+    def remote_state() -> dict[str, Any]:
+        _command(state, CHECKPOINT)
+        return gather_states(frame, 0, state.plan.n)
+
+    frame.remote_state = remote_state
+    try:
+        training_loop(frame, step, progress)
+    finally:
+        frame.remote_state = None
     rounds = frame.round - rounds_before
     frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
               f"(block payload x {state.plan.n - 1} receivers) over {rounds} rounds; compute "

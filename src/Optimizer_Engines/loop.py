@@ -121,6 +121,14 @@ def check_stoppers(frame: Frame, record: dict[str, Any]) -> bool:
     return False
 
 
+def save_checkpoint(frame: Frame) -> None:
+    """Write a checkpoint of the round just completed, counted in the ``checkpoint`` timer."""
+    t0 = time.perf_counter()
+    path = frame.checkpointer.save(frame)
+    frame.timers["checkpoint"] = frame.timers.get("checkpoint", 0.0) + time.perf_counter() - t0
+    frame.log(f"Checkpoint at round {frame.round}: {path}")
+
+
 def due(round_index: int, rate: int) -> bool:
     """True every ``rate`` rounds (rate 1 = every round, 0 = never)."""
     return rate > 0 and round_index % rate == 0
@@ -132,7 +140,7 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     ``measurement_sampling_rate`` rounds, both once more at the end; stoppers are asked after each progress check.
     """
     H = frame.H
-    frame.start_time = time.perf_counter() - frame.history[-1]["wall_time"] if frame.history else time.perf_counter()
+    frame.start_time = time.perf_counter() - frame.elapsed  # elapsed > 0 after a resume
     frame.center_model.train()
     deviation = 0.0
     record = log_progress(frame) if frame.round == 0 else None
@@ -148,6 +156,11 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
             run_measurements(frame)
         if progress is not None:
             progress(frame.round, H["rounds"])
+        if frame.checkpointer is not None and not stopped and frame.round < H["rounds"] and (
+                frame.interrupt is not None or due(frame.round, H.get("checkpoint_every", 0))):
+            save_checkpoint(frame)
+        if frame.interrupt is not None:
+            raise KeyboardInterrupt(f"signal {frame.interrupt}")
     if record is None or record["round"] != frame.round:
         stopped = check_stoppers(frame, log_progress(frame, deviation)) or stopped
     if H["measurement_sampling_rate"] > 0:

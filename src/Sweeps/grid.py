@@ -1,7 +1,8 @@
 """The grid of a sweep: its specification, its runs (each a ``dol1.py`` command line) and their ids.
 
 A sweep is the Cartesian product of a grid of ``dol1.py`` settings, with fixed settings applied to every run. Each
-run is one ``dol1.py`` process; its run id is ``run_id(H)`` of its resolved configuration, the name of its report.
+run is one ``dol1.py`` process; its run id is the one ``dol1.py`` gives its resolved configuration (the experiment
+settings and the units file's text, not where it runs), the name of its report.
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def to_argv(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable[[list[str]], dict[str, Any]],
-           valid_keys: Sequence[str], project_root: Path) -> list[Run]:
+           valid_keys: Sequence[str], project_root: Path,
+           identify: Callable[[dict[str, Any]], str] = run_id, always: Mapping[str, Any] | None = None) -> list[Run]:
     """Every run of the grid × fixed product, checked with dol1.py's own parser before anything starts.
 
     Args:
@@ -105,6 +107,9 @@ def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable
         resolve: dol1.py's ``resolve_config(argv) -> H``; raises ConfigError (or SystemExit from argparse).
         valid_keys: dol1.py's keys (unknown keys are refused here, with a did-you-mean).
         project_root: where dol1.py writes when ``output_root`` is empty.
+        identify: H -> run id, as dol1.py computes it (``dol1.run_identity``).
+        always: settings every run gets unless the sweep sets them (master.py: ``resume="auto"``, so a retried
+            attempt continues from its checkpoint).
 
     Returns:
         The runs in grid order, without duplicates (two grid points with the same H are one run).
@@ -121,12 +126,12 @@ def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable
     for point in itertools.product(*grid.values()):
         grid_values = dict(zip(grid, point))
         overrides = {**fixed, **grid_values}
-        argv = to_argv(overrides)
+        argv = to_argv({**{k: v for k, v in (always or {}).items() if k not in overrides}, **overrides})
         try:
             H = resolve(argv)
+            rid = identify(H)
         except ConfigError as err:
             raise SweepError(f"run {overrides}: {err}") from err
         reports = Paths.for_output_root(H["output_root"]).reports if H["output_root"] else project_root / "reports"
-        rid = run_id(H)
         runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, reports))
     return list(runs.values())

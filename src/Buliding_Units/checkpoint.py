@@ -1,0 +1,177 @@
+"""Checkpoints: everything that decides the rest of a run, written atomically, verified when read.
+
+A checkpoint is taken at a round boundary and holds the centre model, every block copy (as the tensors in which it
+differs from the centre: after a round's scatter that is usually a few BatchNorm buffers, so a checkpoint of a
+block-wise run is not B times the model), every optimiser state, the RNG states (torch, CUDA, NumPy, Python) of
+every process, the round and counters, the history, the timers, the stoppers' and measurement units' state. The
+batch stream needs no state: batch t is a pure function of (seed, batch size, t).
+
+File: ``checkpoints/<run id>/round_<round>.pt`` under the output root = a magic line, the SHA-256 of the payload,
+then the payload (``torch.save`` of plain containers and tensors, read back with ``weights_only=True``). Written to
+a temporary file, flushed to disk, renamed; the newest ``keep`` files stay. A truncated or corrupt file fails its
+checksum and the one before it is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.Buliding_Units.Model_frames import Frame
+
+FORMAT = 1
+MAGIC = b"blockwise-checkpoint 1\n"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: the message says what was found and why each file was refused."""
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, as plain containers and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def copy_differences(replica: nn.Module, centre: nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries of a block copy that differ from the centre's (cloned)."""
+    mine, theirs = replica.state_dict(), centre.state_dict()
+    return {k: v.detach().clone() for k, v in mine.items() if not torch.equal(v, theirs[k])}
+
+
+def apply_copy_state(replica: nn.Module, centre: nn.Module, differences: dict[str, torch.Tensor]) -> None:
+    """Make ``replica`` equal to ``centre`` except for ``differences`` (in place)."""
+    theirs = centre.state_dict()
+    with torch.no_grad():
+        for name, tensor in replica.state_dict().items():
+            tensor.copy_(differences.get(name, theirs[name]))
+
+
+def frame_state(frame: Frame) -> dict[str, Any]:
+    """The checkpoint payload of ``frame`` at a round boundary (the engine's ``remote_state`` adds other ranks')."""
+    copies = getattr(frame, "distributed_models", {})
+    state: dict[str, Any] = {
+        "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round, "steps": frame.steps,
+        "samples": frame.samples, "bytes_sent": frame.bytes_sent, "stop_reason": frame.stop_reason,
+        "elapsed": time.perf_counter() - frame.start_time, "timers": dict(frame.timers),
+        "history": list(frame.history), "centre": frame.center_model.state_dict(),
+        "optimizer": frame.optimizer.state_dict() if frame.optimizer is not None else None,
+        "copies": {b: copy_differences(m, frame.center_model) for b, m in copies.items()},
+        "block_optimizers": {b: o.state_dict() for b, o in getattr(frame, "block_optimizers", {}).items()},
+        "rng": {0: rng_state()},
+        "stoppers": [u.state_dict() for u in frame.stopper_units],
+        "measurements": [u.state_dict() for u in frame.measure_units],
+    }
+    if frame.remote_state is not None:
+        remote = frame.remote_state()
+        for key in ("copies", "block_optimizers", "rng"):
+            state[key].update(remote[key])
+    return state
+
+
+def restore(frame: Frame, state: dict[str, Any]) -> None:
+    """Put ``frame`` (freshly built with the same settings) in the state of the checkpoint, copies included.
+
+    The RNG states of all ranks stay in ``frame.restored_rng`` for a multi-process engine to hand out.
+    """
+    frame.center_model.load_state_dict(state["centre"])
+    if frame.optimizer is not None and state["optimizer"] is not None:
+        frame.optimizer.load_state_dict(state["optimizer"])
+    for b, replica in getattr(frame, "distributed_models", {}).items():
+        apply_copy_state(replica, frame.center_model, state["copies"].get(b, {}))
+        frame.block_optimizers[b].load_state_dict(state["block_optimizers"][b])
+    for unit, unit_state in zip(frame.stopper_units, state["stoppers"]):
+        unit.load_state_dict(unit_state)
+    for unit, unit_state in zip(frame.measure_units, state["measurements"]):
+        unit.load_state_dict(unit_state, frame)
+    frame.round, frame.steps, frame.samples = state["round"], state["steps"], state["samples"]
+    frame.bytes_sent, frame.stop_reason, frame.elapsed = state["bytes_sent"], state["stop_reason"], state["elapsed"]
+    frame.timers.update(state["timers"])
+    frame.history = list(state["history"])
+    frame.restored_rng = state["rng"]
+    set_rng_state(state["rng"][0])
+
+
+class Checkpointer:
+    """Writes and finds the checkpoints of one run in ``folder``, keeping the newest ``keep``."""
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder, self.keep = Path(folder), keep
+
+    def files(self) -> list[Path]:
+        """The checkpoint files, newest first."""
+        return sorted(self.folder.glob("round_*.pt"), reverse=True)
+
+    def save(self, frame: Frame) -> Path:
+        """Write the checkpoint of ``frame`` atomically; returns its path."""
+        buffer = io.BytesIO()
+        torch.save(frame_state(frame), buffer)
+        data = buffer.getvalue()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"round_{frame.round:08d}.pt"
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for old in self.files()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """One checkpoint's payload, verified.
+
+        Raises:
+            CheckpointError: unreadable, not a checkpoint, truncated or altered (checksum mismatch).
+        """
+        try:
+            blob = path.read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"{path}: unreadable ({err})") from err
+        if not blob.startswith(MAGIC):
+            raise CheckpointError(f"{path}: not a checkpoint of this format")
+        digest, _, data = blob[len(MAGIC):].partition(b"\n")
+        if hashlib.sha256(data).hexdigest().encode() != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt, {len(blob)} bytes)")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def latest(self) -> tuple[dict[str, Any], Path, list[str]]:
+        """The newest checkpoint that verifies, its path, and a message for each newer one that did not.
+
+        Raises:
+            CheckpointError: there is none that verifies.
+        """
+        problems = []
+        for path in self.files():
+            try:
+                return self.read(path), path, problems
+            except CheckpointError as err:
+                problems.append(str(err))
+        raise CheckpointError(f"no usable checkpoint in {self.folder}" + (": " + "; ".join(problems)
+                                                                           if problems else " (none written)"))

@@ -1,0 +1,219 @@
+"""The files of one run and what a script does with them: output checks, recovery, resume, saved model, reloading.
+
+Files of run ``R<hash>`` under the output root (see ``src/reporting.py`` for the report, status and metrics):
+``reports/R<hash>.config.json`` (resolved settings, units text, reproducibility record), ``reports/R<hash>.lock``
+(held while the run lives), ``reports/R<hash>.model.pt`` (the centre model's ``state_dict`` at the end; ResNets in
+torchvision's keys) and ``checkpoints/R<hash>/round_<r>.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from src.Buliding_Units.checkpoint import CheckpointError, Checkpointer
+from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame
+from src.cli import ConfigError
+from src.records import differing_keys, identity
+from src.reporting import Paths, read_metrics, read_status, write_json_atomic, write_status
+
+RESUME_MODES = ("no", "yes", "auto")  # or a run id R<hash>
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where run ``run`` keeps its files under ``paths``."""
+
+    paths: Paths
+    run: str
+
+    @property
+    def config(self) -> Path:
+        return self.paths.reports / f"{self.run}.config.json"
+
+    @property
+    def model(self) -> Path:
+        return self.paths.reports / f"{self.run}.model.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.paths.report(self.run)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.paths.root / "checkpoints" / self.run
+
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.checkpoints)
+
+
+def check_writable(paths: Paths) -> None:
+    """Check, creating nothing, that the output folders can be created and written: each one, or its deepest
+    existing ancestor, must be a folder in which a temporary file can be made.
+
+    Raises:
+        ConfigError: the output root (or a folder on the way) is a file, or a folder cannot be written.
+    """
+    for folder in (paths.reports, paths.figures, paths.measurements, paths.root / "checkpoints"):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(20, f"{str(existing)!r} is a file, not a folder")
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise ConfigError(f"--output_root {str(paths.root)!r}: cannot write to {str(folder)!r} "
+                              f"({err.strerror or err})") from err
+
+
+def write_config(files: RunFiles, H: Mapping[str, Any], units_text: str, record: Mapping[str, Any]) -> None:
+    """``R<hash>.config.json``: what ``dol1.py --settings_file`` needs to run the experiment again exactly."""
+    write_json_atomic(files.config, {"run_id": files.run, "settings": dict(H), "units_text": units_text,
+                                     "identity_excludes_placement": True, "reproducibility": dict(record)})
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config file.
+
+    Raises:
+        ConfigError: missing or not a config file.
+    """
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the run config {str(path)!r}: {err}") from err
+    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
+        raise ConfigError(f"{str(path)!r} is not a run config (no 'settings')")
+    return config
+
+
+def recover_dead_holder(files: RunFiles) -> str | None:
+    """Close the report of an earlier holder of this run that died without closing it (call with the claim held).
+
+    Returns:
+        A sentence for the new report, or None when there was nothing to recover.
+    """
+    state = read_status(files.paths.reports, files.run)
+    if state is None or state.get("status") != "alive" or state.get("pid") == os.getpid():
+        return None
+    detail = (f"died: process {state.get('pid')} ended without closing its report (SIGKILL, out of memory or "
+              f"power loss); found by the next run of {files.run}")
+    write_status(files.paths.reports, files.run, "failed", detail, pid=state.get("pid"))
+    return f"The previous attempt (pid {state.get('pid')}) had died without closing its report: marked failed"
+
+
+def _similar_runs(files: RunFiles, H: Mapping[str, Any], units_text: str) -> list[tuple[str, list[str]]]:
+    """Runs of the same output root that have checkpoints, with the experiment keys in which they differ."""
+    found = []
+    for folder in sorted((files.paths.root / "checkpoints").glob("R*")):
+        config = files.paths.reports / f"{folder.name}.config.json"
+        if folder.name == files.run or not config.exists() or not any(folder.glob("round_*.pt")):
+            continue
+        other = read_config(config)
+        keys = differing_keys(identity(other["settings"], other.get("units_text", "")), identity(H, units_text))
+        found.append((folder.name, keys))
+    return sorted(found, key=lambda item: len(item[1]))
+
+
+def find_resume(files: RunFiles, mode: str, H: Mapping[str, Any], units_text: str) -> dict[str, Any] | None:
+    """The checkpoint payload to resume from (None = start fresh), for ``--resume mode``.
+
+    Raises:
+        ConfigError: ``yes`` (or a run id) without a usable checkpoint; a run id whose settings differ (the keys
+            are named).
+    """
+    if mode == "no":
+        return None
+    state = read_status(files.paths.reports, files.run) or {}
+    if state.get("status") in ("finished", "stopped"):
+        if mode == "auto":
+            return None  # nothing left to resume: a fresh run (the finished one is archived)
+        raise ConfigError(f"--resume: run {files.run} has {state['status']} already; nothing to resume "
+                          f"(report: {str(files.report)!r})")
+    if mode not in ("yes", "auto"):  # a run id: its settings must be these
+        other = RunFiles(files.paths, mode)
+        if not other.config.exists():
+            raise ConfigError(f"--resume {mode}: no run config {str(other.config)!r}; valid: {list(RESUME_MODES)} "
+                              f"or the id of a run with a config in {str(files.paths.reports)!r}")
+        config = read_config(other.config)
+        keys = differing_keys(identity(config["settings"], config.get("units_text", "")), identity(H, units_text))
+        if keys:
+            raise ConfigError(f"--resume {mode}: refused, these experiment settings differ from that run's: {keys} "
+                              f"(run it again with the same settings, or start a new run without --resume)")
+    try:
+        payload, path, problems = files.checkpointer().latest()
+    except CheckpointError as err:
+        if mode == "auto":
+            return None
+        similar = [f"{run} differs in {keys}" for run, keys in _similar_runs(files, H, units_text)[:3]]
+        raise ConfigError(f"--resume: nothing to resume for run {files.run}: {err}"
+                          + (f"; runs with checkpoints here: {'; '.join(similar)}" if similar else "")) from err
+    payload["_path"], payload["_problems"] = str(path), problems
+    return payload
+
+
+def save_model(frame: Frame, files: RunFiles) -> Path:
+    """Write the centre model's state_dict as ``R<hash>.model.pt`` (atomically)."""
+    tmp = files.model.with_name(files.model.name + f".tmp{os.getpid()}")
+    torch.save(frame.center_model.state_dict(), tmp)
+    os.replace(tmp, files.model)
+    return files.model
+
+
+@dataclass
+class RunRecord:
+    """A finished (or interrupted) run, reopened: see :func:`load_run`."""
+
+    run_id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    status: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    model: nn.Module | None
+    checkpoint: dict[str, Any] | None
+    files: RunFiles
+
+
+def _locate(run_or_path: str | Path, output_root: str | Path | None) -> RunFiles:
+    text = str(run_or_path)
+    path = Path(text)
+    if path.suffix or os.sep in text:  # a file of the run: R<hash>.txt, .config.json, .model.pt, …
+        run = path.name.split(".")[0]
+        return RunFiles(Paths(path.resolve().parent.parent), run)
+    return RunFiles(Paths.for_output_root(output_root), text)
+
+
+def load_run(run_or_path: str | Path, output_root: str | Path | None = None, *,
+             device: str | torch.device = "cpu") -> RunRecord:
+    """Reopen a run: its settings, status, history, the saved model (built and loaded) and its latest checkpoint.
+
+    Args:
+        run_or_path: a run id ``R<hash>`` (looked up under ``output_root``) or the path of one of its files.
+        output_root: the ``--output_root`` of the run (default: the project folder).
+        device: where to build the model.
+
+    Raises:
+        ConfigError: no config file for that run.
+    """
+    files = _locate(run_or_path, output_root)
+    config = read_config(files.config)
+    settings = dict(config["settings"])
+    model = None
+    if files.model.exists():
+        frame = generate_ModelFrame(settings, device=torch.device(device), block_copies=False)
+        frame.center_model.load_state_dict(torch.load(files.model, map_location=device, weights_only=True))
+        model = frame.center_model
+    try:
+        checkpoint = files.checkpointer().latest()[0]
+    except CheckpointError:
+        checkpoint = None
+    return RunRecord(files.run, settings, config, read_status(files.paths.reports, files.run),
+                     read_metrics(files.paths.metrics(files.run)), model, checkpoint, files)
