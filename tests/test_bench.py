@@ -32,3 +32,12 @@ def test_bench_engines_round_breakdown(tmp_path):
     rows = bench_engines.bench_round(rounds=2, units_file=str(units))
     parts = {r.split("|")[1].strip(): r for r in rows if r.startswith("| ")}
     assert {"compute", "communication", "logging", "measurement", "whole run"} <= set(parts)
+
+
+def test_bench_checkpoint_smoke(capsys):
+    import bench_checkpoint
+    bench_checkpoint.main(["--rounds", "1", "--repeats", "1", "--cases", "default"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default run")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0 and cells[6].endswith("%")

@@ -287,3 +287,16 @@ def test_figure_shows_the_best_finite_step_size_per_k(tmp_path):
     assert master.figure_curves(runs, {"step_size": grid["step_size"]})[0][0] == "step_size=1.0, K=1 (diverged)"
     written = master.sweep_figure(runs, grid, tmp_path / "figures" / "sweep", "sweep S0")
     assert [p.suffix for p in written] == [".pdf", ".png"] and all(p.stat().st_size > 0 for p in written)
+
+
+def test_a_failed_attempt_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    marker = tmp_path / "marker"
+    (tmp_path / "once.txt").write_text(f"- tests.sweep_plugins.FailOnce marker={marker}\n")
+    fixed = tiny(out, measurement_sampling_rate=10, checkpoint_every=5, units_file=str(tmp_path / "once.txt"))
+    assert master.main(args(tmp_path, {"step_size": [0.01]}, fixed, "--max_attempts", "2")) == 0
+    entry = next(iter(tracker(tmp_path)["runs"].values()))
+    assert (entry["status"], entry["attempts"], entry["failures"]) == ("done", 2, 1)
+    report = Path(entry["report"]).read_text()
+    assert "Resumed at round 5 from" in report  # the first attempt failed at round 10, after the checkpoint of 5
+    assert read_report(entry["report"])["status"] == "finished" and "--resume=auto" in " ".join(entry["argv"])
