@@ -26,10 +26,11 @@ if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` fin
 from src.Architectures.Models import MODELS  # noqa: E402 - after the path fix above
 import torch  # noqa: E402
 from src.Buliding_Units.checkpoint import restore  # noqa: E402
-from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, generate_ModelFrame  # noqa: E402
-from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text  # noqa: E402
-from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume, load_run,  # noqa: E402
-                                     read_config, recover_dead_holder, save_model, write_config)
+from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
+from src.Buliding_Units.plugins import parse_units  # noqa: E402
+from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
+                                     measure_saved_model, read_config, recover_dead_holder, save_model, units_text,
+                                     write_config)
 from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
 from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
@@ -108,12 +109,17 @@ def validate(H: dict[str, Any]) -> EngineSpec:
     Raises:
         ConfigError: naming the bad value and the valid ones.
     """
+    for key, value in H.items():
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"--{key} {value!r} is not a finite number (NaN and infinities are refused)")
     spec = resolve_engine(H["training_mode"])
     for key, valid in _CHOICES.items():
         _check(H[key] in valid, f"--{key} {H[key]!r} is not valid; valid: {sorted(valid)}")
     for key, low in _AT_LEAST.items():
         _check(H[key] >= low, f"--{key} must be >= {low}, got {H[key]}")
     _check(H["step_size"] > 0, f"--step_size must be > 0, got {H['step_size']}")
+    _check(H["momentum"] >= 0, f"--momentum must be >= 0, got {H['momentum']}")
+    _check(0 <= H["seed"] < 2**32, f"--seed must be in [0, 2**32 - 1] (= 4294967295), got {H['seed']}")
     _check(0 < H["active_share"] <= 1, f"--active_share must be in (0, 1], got {H['active_share']}")
     _check(0 < H["gamma"] <= 1, f"--gamma must be in (0, 1], got {H['gamma']}")
     _check(0 <= H["beta"] <= 1, f"--beta must be in [0, 1], got {H['beta']}")
@@ -163,17 +169,6 @@ def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         description=__doc__.split("\n\n")[0], bare={"resume": "yes"})
     validate(H)
     return H
-
-
-def units_text(H: dict[str, Any]) -> tuple[str, str]:
-    """The text of the run's units file and where it comes from: the recorded text of ``--settings_file``
-    (unless ``--units_file`` names another file), else the units file."""
-    if H["settings_file"]:
-        config = read_config(Path(H["settings_file"]))
-        if "units_text" in config and H["units_file"] == config["settings"].get("units_file"):
-            return config["units_text"], f"{H['settings_file']} (recorded units)"
-    path = H["units_file"] or DEFAULT_UNITS_FILE
-    return read_units_text(path), str(path)
 
 
 def run_identity(H: dict[str, Any]) -> str:
@@ -236,7 +231,10 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
     frame.reporter = Reporter(H, files.paths.reports, run=files.run, resume=resume is not None, run_info={
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
         "batch_size": frame.H["batch_size"], "engine": f"{spec.function.__module__}.{spec.function.__qualname__}",
-        "plugins": [repr(u) for u in frame.measure_units + frame.stopper_units]},
+        "plugins": [repr(u) for u in frame.stopper_units] + ([repr(u) for u in frame.measure_units]
+                                                             if H["measurement_sampling_rate"] > 0 else []),
+        **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0"}
+           if frame.measure_units and H["measurement_sampling_rate"] == 0 else {})},
         extra_header={"Reproducibility": record or {}, "Units": text})
     if H["checkpoint_every"] > 0:
         frame.checkpointer = files.checkpointer()
@@ -267,20 +265,29 @@ def _signal_handlers(frame: Frame) -> dict[int, Any]:
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _draw_curve(frame: Frame) -> None:
+    """The training curve; a figure that cannot be written is a warning in the report, not a failed run."""
+    figure = frame.paths.figures / f"training_curve_{frame.run_id}"
+    try:
+        drawn = training_curve(frame.history, figure,
+                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}")
+    except OSError as err:
+        frame.log(f"Warning: the training curve could not be written to {figure}.pdf: {err}")
+        return
+    frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
+              "(engines log through training_loop or log_progress)")
+
+
 def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] | None = None) -> Frame:
     """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
     or interrupted)."""
-    H = frame.H
     previous = _signal_handlers(frame)
     progress = progress or _Progress(frame)
     try:
         spec.run(frame, progress)
         if hasattr(progress, "close"):
             progress.close()
-        figure = frame.paths.figures / f"training_curve_{frame.run_id}"
-        drawn = training_curve(frame.history, figure, title=f"{frame.run_id}: {H['training_mode']}, {H['model']}")
-        frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
-                  "(engines log through training_loop or log_progress)")
+        _draw_curve(frame)
         frame.log(f"Model: {save_model(frame, RunFiles(frame.paths, frame.run_id))}")
     except KeyboardInterrupt:
         if hasattr(progress, "close"):
@@ -299,7 +306,8 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    frame.reporter.finish("stopped", frame.stop_reason) if frame.stop_reason else frame.reporter.finish("finished")
+    status = "diverged" if frame.stop_kind == "non_finite" else "stopped" if frame.stop_reason else "finished"
+    frame.reporter.finish(status, frame.stop_reason)
     print(_summary(frame), flush=True)
     return frame
 
@@ -339,20 +347,9 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
 
 def measure_only(H: dict[str, Any]) -> Frame:
     """Run the measurement units of ``--units_file`` once on the saved model of run ``H['measure_only']``."""
-    record = load_run(H["measure_only"], H["output_root"] or None)
-    _check(record.model is not None, f"--measure_only {H['measure_only']}: run {record.run_id} has no saved model "
-                                     f"{str(record.files.model)!r} (only finished or stopped runs save one)")
-    text, source = units_text(H)
-    frame = generate_ModelFrame(record.settings, units=parse_units(text, source), paths=record.files.paths,
-                                block_copies=False)
-    frame.center_model.load_state_dict(record.model.state_dict())
-    frame.run, frame.round = record.run_id, record.history[-1]["round"] if record.history else 0
-    for unit in frame.measure_units:
-        unit.prepare(frame)
-        log = frame.paths.measurements / f"{type(unit).__name__}_{record.run_id}.jsonl"
-        unit.log_path, unit.count = log, len(log.read_text().splitlines()) if log.exists() else 0
-        unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})
-        print(f"dol1.py: {type(unit).__name__} measured run {record.run_id} at round {frame.round}: {log}")
+    frame, logs = measure_saved_model(H["measure_only"], H["output_root"] or None, *units_text(H))
+    for unit, log in zip(frame.measure_units, logs):
+        print(f"dol1.py: {type(unit).__name__} measured run {frame.run_id} at round {frame.round}: {log}")
     return frame
 
 
@@ -376,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> Frame | None:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        if (note := device_note(H["cuda_core"])) is not None:
+            print(f"dol1.py: warning: {note}", file=sys.stderr)
         if H["measure_only"]:
             return measure_only(H)
         if spec.torchrun_worker is not None and torchrun_rank() > 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import signal
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ class Display:
             self._update_bar()
             return
         settings = ", ".join(f"{k}={v}" for k, v in run.grid_values.items())
-        text = {"skip": "done already", "adopt": f"still running (pid {entry['pid']}): adopted",
+        text = {"skip": f"{entry['status']} already", "diverged": "diverged (a result: not retried)", "adopt": f"still running (pid {entry['pid']}): adopted",
                 "launch": f"started on {entry['device']}, attempt {entry['attempts']}, pid {entry['pid']}",
                 "done": f"done after {entry['rounds_done']} rounds",
                 "failed": f"FAILED (exit code {entry['exit_code']}, failure {entry['failures']}"
@@ -112,8 +113,9 @@ class Display:
         if self.bar is None:
             return
         entries = [self.scheduler.entry(r) for r in self.runs]
-        finished = sum(e["status"] in ("done", "failed") for e in entries)
-        progress = sum(e["rounds_total"] if e["status"] in ("done", "failed") else e["rounds_done"] for e in entries)
+        finished = sum(e["status"] in ("done", "diverged", "failed") for e in entries)
+        progress = sum(e["rounds_total"] if e["status"] in ("done", "diverged", "failed") else e["rounds_done"]
+                       for e in entries)
         self.bar.update(max(0, progress - self.bar.n))
         self.bar.set_postfix_str(f"runs {finished}/{len(entries)}, "
                                  f"{sum(e['status'] == 'running' for e in entries)} running")
@@ -148,8 +150,9 @@ def _fail(message: str, status: int) -> None:
 def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[str, Any], str, list[sw.Slot]]:
     """Check the command line and expand the sweep; exits 2 on bad input, before anything starts."""
     for name, low in _LIMITS.items():
-        if getattr(args, name) < low:
-            _fail(f"--{name} must be >= {low}, got {getattr(args, name)}", 2)
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low:
+            _fail(f"--{name} must be a finite number >= {low}, got {value}", 2)
     try:
         grid, fixed = sw.load_spec(args.grid, args.fixed, args.sweep)
         if not grid and not fixed:
@@ -209,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)
-    failed = [run.run_id for run in runs if scheduler.entry(run)["status"] != "done"]
+    failed = [run.run_id for run in runs if scheduler.entry(run)["status"] not in sw.ENDED]
     if failed:
         print(f"master.py: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from src.records import lock_holder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +102,9 @@ def _archived(reports_dir: Path, run: str, suffix: str, n: int) -> Path:
 
 
 def archive_run(reports_dir: Path, run: str) -> None:
-    """Move an earlier run's files aside together, with the first archive number n that is free for all of them."""
+    """Move an earlier run's files aside together, with the first archive number n that is free for all of them:
+    its report, status and metrics files, and its figures (the training curve and the measurement figures'
+    folder, under the ``figures`` folder beside ``reports_dir``)."""
     present = [s for s in RUN_FILE_SUFFIXES if (reports_dir / f"{run}{s}").exists()]
     if not present:
         return
@@ -108,6 +113,14 @@ def archive_run(reports_dir: Path, run: str) -> None:
         n += 1
     for suffix in present:
         (reports_dir / f"{run}{suffix}").rename(_archived(reports_dir, run, suffix, n))
+    figures = reports_dir.parent / "figures"
+    for suffix in (".pdf", ".png"):
+        curve = figures / f"training_curve_{run}{suffix}"
+        if curve.exists():
+            curve.rename(curve.with_name(f"training_curve_{run}.{n}{suffix}"))
+    folder = figures / "Measurements" / "Hessian_Measurement" / run
+    if folder.is_dir():
+        folder.rename(folder.with_name(f"{run}.{n}"))
 
 
 def status_path(report: Path) -> Path:
@@ -119,10 +132,17 @@ def status_path(report: Path) -> Path:
     return report.with_name(f"{stem}.status.json")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; a tracker or status is for everyone
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True, default=str)
             f.flush()
@@ -148,6 +168,25 @@ def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
     return records
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, tensors and arrays as lists: strict JSON
+    readers reject NaN and Infinity, so the metric keeps its name and reads null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, arrays, numpy scalars
+        return strict_json(value.tolist())
+    return value
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One line of a ``.jsonl`` file in strict JSON (see :func:`strict_json`)."""
+    return json.dumps(strict_json(dict(record)), allow_nan=False, default=str) + "\n"
 
 
 def format_progress(m: Mapping[str, Any]) -> str:
@@ -215,7 +254,7 @@ class Reporter:
         extra_header: more ``Key: {json}`` header lines for a new report.
     """
 
-    STATUSES = ("alive", "finished", "stopped", "failed", "interrupted")
+    STATUSES = ("alive", "finished", "stopped", "diverged", "failed", "interrupted")
 
     def __init__(self, H: Mapping[str, Any], reports_dir: str | Path | None = None,
                  run_info: Mapping[str, Any] | None = None, *, run: str | None = None, resume: bool = False,
@@ -250,13 +289,13 @@ class Reporter:
     def log_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to the run's metrics file (flushed at once, for readers such as master.py)."""
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(dict(record), default=float) + "\n")
+            f.write(json_line(record))
 
     def rewrite_metrics(self, history: list[Mapping[str, Any]]) -> None:
         """Replace the metrics file by ``history`` (a resumed run drops what an interrupted attempt wrote after its
         checkpoint)."""
         tmp = self.metrics_path.with_name(self.metrics_path.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(dict(r), default=float) + "\n" for r in history))
+        tmp.write_text("".join(json_line(r) for r in history))
         os.replace(tmp, self.metrics_path)
 
     def set_status(self, status: str, detail: str | None = None) -> None:
@@ -273,10 +312,26 @@ class Reporter:
         self.set_status(status, reason)
 
     def fail(self, exc: BaseException, exit_code: int = 1) -> None:
-        """Record a failure with its exit code and traceback."""
+        """Record a failure: the status first (a small atomic write, so that even on a full disk the report does not
+        keep saying ``alive``), then the traceback."""
+        self.set_status("failed", f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")
-        self.set_status("failed", f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def process_alive(reports_dir: Path, run: str, pid: int) -> bool:
+    """Whether the process that wrote an ``alive`` status still runs: its run lock is held (by ``pid``), or — for
+    reports without a lock file — the pid exists."""
+    lock = reports_dir / f"{run}.lock"
+    if lock.exists():
+        return lock_holder(reports_dir, run) is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _header_value(lines: list[str], key: str) -> str | None:
@@ -309,5 +364,7 @@ def read_report(path: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # missing or damaged: the report's own line
         name, _, rest = (_header_value(lines, "Status") or "unknown").partition(" (")
         status, detail = name, rest.rstrip(")") or None
+    if status == "alive" and not process_alive(path.parent, path.name.removesuffix(".txt"), int(pid)):
+        status, detail = "died", f"process {pid} is gone without closing its report (killed, out of memory, …)"
     return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
             "run_info": json.loads(info) if info else {}, "reproducibility": json.loads(record) if record else {}}

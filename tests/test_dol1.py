@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_the_run(tmp_path):
     frame = dol1.main(TINY + ["--output_root", str(tmp_path), "--units_file", units_file(tmp_path, ""),
                               "--step_size", "1e30", "--optimizer", "sgd", "--rounds", "30"])
     head = read_report(only_report(tmp_path))
-    assert head["status"] == "stopped" and "non" in head["status_detail"].lower()
+    assert head["status"] == "diverged" and "non" in head["status_detail"].lower()  # issue 15: its own status
     assert frame.round < 30
 
 

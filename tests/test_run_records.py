@@ -94,7 +94,7 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path, engine):
     os.killpg(victim.pid, signal.SIGKILL)  # the run and its workers, no chance to clean up
     victim.wait(10)
     head = read_report(next((tmp_path / "cut" / "reports").glob("R*.txt")))
-    assert head["status"] == "alive"  # a hard kill leaves the claim's status behind ...
+    assert head["status"] == "died"  # a hard kill leaves "alive" behind; readers see the lock is free ...
     assert run_to_end(argv + ["--output_root", str(tmp_path / "cut"), "--resume"], tmp_path / "cut.log") == 0
     report = next((tmp_path / "cut" / "reports").glob("R*.txt")).read_text()
     assert "had died without closing its report" in report and "Resumed at round" in report  # ... recovered

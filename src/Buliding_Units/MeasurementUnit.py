@@ -20,7 +20,7 @@ from torch import nn
 
 from src.Buliding_Units import hessian
 from src.plots import heatmap
-from src.reporting import archive_existing
+from src.reporting import archive_existing, json_line
 
 
 class MeasurementUnit(ABC):
@@ -80,17 +80,8 @@ class MeasurementUnit(ABC):
             self.log_path = self._open(frame)
         fields = record if isinstance(record, dict) else {} if record is None else {"value": record}
         with open(self.log_path, "a") as f:
-            f.write(json.dumps({"round": frame.round, **fields}, default=_jsonable) + "\n")
+            f.write(json_line({"round": frame.round, **fields}))
         self.count += 1
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON for tensors and arrays (as nested lists, never truncated) and other numbers."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return float(value)
 
 
 def _tensor_bytes(tensors: Any) -> int:
@@ -180,9 +171,13 @@ class _HessianUnit(MeasurementUnit):
         labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
         written = []
         for stem, (matrix, title, bar) in matrices.items():
-            paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}",
-                            title=f"{title}\n{frame.run_id}, round {frame.round}", labels=labels, colorbar_label=bar,
-                            log_scale=stem != "block_coupling_heatmap")
+            try:
+                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}", labels=labels,
+                                title=f"{title}\n{frame.run_id}, round {frame.round}", colorbar_label=bar,
+                                log_scale=stem != "block_coupling_heatmap")
+            except OSError as err:  # a figure that cannot be written is a warning, the numbers are still logged
+                frame.log(f"Warning: {type(self).__name__} could not write {stem}: {err}")
+                continue
             written += [str(p) for p in paths]
         return written
 

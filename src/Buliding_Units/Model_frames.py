@@ -16,7 +16,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -44,14 +43,20 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def select_device(cuda_core: int) -> torch.device:
-    """``cuda:<cuda_core>`` when that GPU exists, the CPU for -1; a missing GPU falls back to the CPU with a warning."""
-    if cuda_core < 0:
-        return torch.device("cpu")
-    if torch.cuda.is_available() and cuda_core < torch.cuda.device_count():
+    """``cuda:<cuda_core>`` when that GPU exists, else the CPU (-1 asks for it; a missing GPU falls back to it,
+    see :func:`device_note`). The device a run used is in its report's run info."""
+    if cuda_core >= 0 and torch.cuda.is_available() and cuda_core < torch.cuda.device_count():
         return torch.device(f"cuda:{cuda_core}")
-    warnings.warn(f"cuda_core={cuda_core} asked for a GPU but none is available "
-                  f"({torch.cuda.device_count()} visible); running on the CPU", stacklevel=2)
     return torch.device("cpu")
+
+
+def device_note(cuda_core: int) -> str | None:
+    """A one-line warning when a GPU index other than the default 0 was asked for and does not exist (the default
+    falls back to the CPU quietly, so a CPU machine runs the defaults without noise)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_core > 0 and cuda_core >= visible:
+        return f"--cuda_core {cuda_core}: no such GPU ({visible} visible); running on the CPU"
+    return None
 
 
 def make_optimizer(params: Iterable[nn.Parameter], H: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -90,6 +95,7 @@ class Frame:
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("compute", "communication", "logging", "measurement"), 0.0))
     stop_reason: str | None = None
+    stop_kind: str | None = None  # the stopper's machine-readable reason ("non_finite", "patience", "target", …)
     start_time: float = field(default_factory=time.perf_counter)
     bytes_sent: int = 0
     checkpointer: Any = None
@@ -212,6 +218,52 @@ FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
 }
 
 
+MEMORY_SHARE = 0.8  # a model (with its copies and optimiser state) may take at most this share of free memory
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _build_checked(H: Mapping[str, Any], data: TaskData, device: torch.device, copies: int) -> nn.Module:
+    """Build the model after checking, on the meta device (no memory), that it fits the data and the memory.
+
+    ``copies`` is a rough count of extra model copies (block-wise frames); Adam state doubles the parameters.
+    """
+    def build(shape: tuple[int, ...] = tuple(data.input_shape)) -> nn.Module:
+        return build_model(H["model"], H["config"], shape, data.output_dim, beta=H["beta"],
+                           voting_method=H["voting_method"])
+    try:
+        with torch.device("meta"):
+            shape_only = build()
+    except (ValueError, TypeError) as err:
+        blame_config = f"--config {H['config']!r} does not fit --model {H['model']}"
+        if "input_shape" not in str(err):
+            raise ConfigError(f"{blame_config}: {err}") from err
+        other = (3, 32, 32) if len(data.input_shape) != 3 else (3 * 32 * 32,)
+        try:  # would the config build on inputs of the other kind? then the data set is what does not fit
+            with torch.device("meta"):
+                build(other)
+        except (ValueError, TypeError) as config_err:
+            raise ConfigError(f"{blame_config}: {config_err}") from config_err
+        raise ConfigError(f"--model {H['model']} cannot take --dataset_name {H['dataset_name']} (one sample has "
+                          f"shape {tuple(data.input_shape)}): {err}") from err
+    n_params = sum(p.numel() for p in shape_only.parameters())
+    need, free = 4 * n_params * (3 + copies), _free_bytes(device)
+    if need > MEMORY_SHARE * free:
+        raise ConfigError(f"--config {H['config']!r}: --model {H['model']} would have {n_params:,} parameters, "
+                          f"about {need / 2**30:.1f} GiB with optimiser state and block copies, more than "
+                          f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}")
+    return build().to(device)
+
+
 def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = None, reporter: Any = None,
                         units: Iterable[Any] = (), owned_blocks: Iterable[int] | None = None,
                         paths: Paths | None = None, block_copies: bool | None = None) -> Frame:
@@ -238,11 +290,7 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     set_seed(H["seed"])
-    try:
-        model = build_model(H["model"], H["config"], data.input_shape, data.output_dim, beta=H["beta"],
-                            voting_method=H["voting_method"]).to(device)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"--config {H['config']!r} does not fit --model {H['model']}: {err}") from err
+    model = _build_checked(H, data, device, copies=(len(H["config"]) + 2) if block_copies else 0)
     if H["batch_size"] == 0:  # 0 = the largest batch that fits in memory (probed), at most the training set
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
             raise ConfigError("--batch_size 0 probes memory on each process, so torchrun ranks could disagree on "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -202,7 +203,10 @@ def make_batched_hvp(model: nn.Module, criterion: nn.Module, inputs: Tensor, tar
     raw = _HVP_BACKENDS[backend](flat)
     if backend == "func":
         try:  # a trial probe: some losses lack forward-over-reverse support
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                # torch registers its jvp decompositions with torch.jit.script on the first jvp, which warns that
+                # jit.script is deprecated: torch's own internals, nothing a user can act on
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
                 raw(torch.ones(1, flat.p0.numel(), dtype=flat.p0.dtype, device=flat.p0.device))
         except RuntimeError as err:  # torch 2.14: mse_loss (mean) hits "ZeroTensors are immutable"; huber_loss
             logger.info("vmap(jvp(grad)) failed (%s); using torch.autograd with is_grads_batched", err)

@@ -79,12 +79,22 @@ def _arguments(cls: type, name: str, args: list[str], where: str) -> dict[str, A
         if not sep or not key:
             raise ConfigError(f"{where}: argument {arg!r} of {name} is not of the form key=value")
         kwargs[key] = _literal(value)
-    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-    for key in kwargs:
-        if key not in accepted:
-            raise ConfigError(f"{where}: {name} has no argument {key!r}.{_did_you_mean(key, accepted)} "
-                              f"Valid: {accepted}")
+    parameters = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in ("self", "args", "kwargs")}
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise ConfigError(f"{where}: {name} has no argument {key!r}.{_did_you_mean(key, list(parameters))} "
+                              f"Valid: {list(parameters)}")
+        default = parameters[key].default
+        if _is_number(default) and not _is_number(value):
+            raise ConfigError(f"{where}: {name} argument {key}={value!r}: {str(value)!r} is not a number "
+                              f"(default {default!r})")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} argument {key}={value!r} must be True or False")
     return kwargs
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_measurement_units(path: str | Path | None = None) -> list[Any]:
@@ -132,6 +142,7 @@ def parse_units(text: str, source: str) -> list[Any]:
         kwargs = _arguments(cls, name, args, where)
         try:
             units.append(cls(**kwargs))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: {name}({', '.join(args)}) rejected its arguments: {err}") from err
+        except Exception as err:  # a plugin's constructor may fail in any way: name the line instead of a traceback
+            raise ConfigError(f"{where}: {name}({', '.join(args)}) rejected its arguments: "
+                              f"{type(err).__name__}: {err}") from err
     return units

@@ -19,6 +19,7 @@ from torch import nn
 
 from src.Buliding_Units.checkpoint import CheckpointError, Checkpointer
 from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame
+from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text
 from src.cli import ConfigError
 from src.records import differing_keys, identity
 from src.reporting import Paths, read_metrics, read_status, write_json_atomic, write_status
@@ -217,3 +218,45 @@ def load_run(run_or_path: str | Path, output_root: str | Path | None = None, *,
         checkpoint = None
     return RunRecord(files.run, settings, config, read_status(files.paths.reports, files.run),
                      read_metrics(files.paths.metrics(files.run)), model, checkpoint, files)
+
+
+def units_text(H: dict[str, Any]) -> tuple[str, str]:
+    """The text of the run's units file and where it comes from: the recorded text of ``--settings_file``
+    (unless ``--units_file`` names another file), else the units file."""
+    if H["settings_file"]:
+        config = read_config(Path(H["settings_file"]))
+        if "units_text" in config and H["units_file"] == config["settings"].get("units_file"):
+            return config["units_text"], f"{H['settings_file']} (recorded units)"
+    path = H["units_file"] or DEFAULT_UNITS_FILE
+    return read_units_text(path), str(path)
+
+
+def measure_saved_model(run_or_path: str | Path, output_root: str | Path | None, units: str,
+                        source: str) -> tuple[Frame, list[Path]]:
+    """Run the plugins listed in ``units`` once on a run's saved model; each appends to its log of that run.
+
+    Returns:
+        The frame measured (its ``round`` is the run's last) and each unit's log file.
+
+    Raises:
+        ConfigError: no such run, no saved model, or a unit that cannot measure this model.
+    """
+    record = load_run(run_or_path, output_root)
+    if record.model is None:
+        raise ConfigError(f"--measure_only {run_or_path}: run {record.run_id} has no saved model "
+                          f"{str(record.files.model)!r} (only finished or stopped runs save one)")
+    frame = generate_ModelFrame(record.settings, units=parse_units(units, source), paths=record.files.paths,
+                                block_copies=False)
+    frame.center_model.load_state_dict(record.model.state_dict())
+    frame.run, frame.round = record.run_id, record.history[-1]["round"] if record.history else 0
+    logs = []
+    for unit in frame.measure_units:
+        try:
+            unit.prepare(frame)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        log = frame.paths.measurements / f"{type(unit).__name__}_{record.run_id}.jsonl"
+        unit.log_path, unit.count = log, len(log.read_text().splitlines()) if log.exists() else 0
+        unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})
+        logs.append(log)
+    return frame, logs

@@ -150,10 +150,10 @@ def _open(name: str, folder: Path, download: bool, build: Callable[[], tuple[Dat
     try:
         return build()
     except (RuntimeError, OSError) as err:
-        fetch = ("run once with download=True on a machine with network access"
-                 if downloadable else "nothing downloads it")
+        fetch = ("copy them from a machine with network access, where torchvision's loader downloads them, e.g. "
+                 "torchvision.datasets.CIFAR10(root, download=True)" if downloadable else "nothing downloads it")
         raise FileNotFoundError(
-            f"dataset '{name}' could not be read from {folder} (download={download}): the files "
+            f"dataset '{name}' could not be read from {folder}: the files "
             f"are missing, unreadable or could not be downloaded. Put them there ({fetch}), or use "
             f"'digits' (bundled with scikit-learn) to work offline.") from err
 

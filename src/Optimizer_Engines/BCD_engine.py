@@ -17,13 +17,11 @@ import math
 import time
 from typing import Callable
 
-import torch
-
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines import register_engine
-from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.loop import RoundBatches, active_blocks, local_steps, round_batches, sync, training_loop
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = RoundBatches
 
 
 def jacobi_update(frame: Disributed_frame, blocks: list[int], batches: Batches) -> float:
@@ -72,7 +70,7 @@ def blockwise_round(frame: Disributed_frame, round_index: int) -> float:
     batches = round_batches(frame, round_index)
     dev = BLOCK_UPDATES[H["block_update"]](frame, blocks, batches)
     frame.steps += len(blocks) * H["K"]
-    frame.samples += sum(len(y) for _, y in batches)
+    frame.samples += batches.samples
     return dev
 
 

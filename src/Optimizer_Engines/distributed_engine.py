@@ -51,7 +51,7 @@ from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, g
 from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
-from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus, free_port
+from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus, loopback_only
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
@@ -151,7 +151,7 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     frame.timers["communication"] += max(0.0, time.perf_counter() - started - slowest)
     frame.bytes_sent += sent
     frame.steps += len(blocks) * H["K"]
-    frame.samples += sum(len(y) for _, y in batches)
+    frame.samples += batches.samples
     return math.sqrt(stats[0])
 
 
@@ -205,14 +205,14 @@ def _use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def spawned_worker(rank: int, H: dict[str, Any], plan: WorkerPlan, port: int) -> None:
+def spawned_worker(rank: int, H: dict[str, Any], plan: WorkerPlan, rendezvous: str) -> None:
     """Entry point of spawned rank ``rank``: build its own frame (same seed, so the same initial centre), join the
-    group on 127.0.0.1:``port`` and follow rank 0."""
+    group through the file store ``rendezvous`` and follow rank 0."""
     torch.set_num_threads(plan.threads)
     device = torch.device(plan.devices[rank])
     _use_device(device)
     frame = generate_ModelFrame(H, owned_blocks=plan.assignment[rank], device=device, block_copies=True)
-    dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(plan.backend, init_method=rendezvous, rank=rank,
                             world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
     try:
         worker_loop(frame, plan, rank)
@@ -269,11 +269,14 @@ def _start_group(frame: Disributed_frame, plan: WorkerPlan, own_group: bool, poo
         if own_group:
             dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
         return
-    port = free_port()
-    pool.start(range(1, plan.n), spawned_worker, lambda rank: (rank, frame.H, plan, port))
-    frame.log("Worker pids: " + ", ".join(f"rank {r} pid {p}" for r, p in pool.pids.items()))
-    dist.init_process_group(plan.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                            world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
+    # A file store, not tcp://127.0.0.1:port: a TCPStore listens on every interface whatever address it is given,
+    # the file store opens no port; gloo's own pair sockets stay on loopback (GLOO_SOCKET_IFNAME, set by the caller).
+    rendezvous = f"file://{pool.error_dir / 'rendezvous'}"
+    with loopback_only():
+        pool.start(range(1, plan.n), spawned_worker, lambda rank: (rank, frame.H, plan, rendezvous))
+        frame.log("Worker pids: " + ", ".join(f"rank {r} pid {p}" for r, p in pool.pids.items()))
+        dist.init_process_group(plan.backend, init_method=rendezvous, rank=0,
+                                world_size=plan.n, timeout=COLLECTIVE_TIMEOUT)
 
 
 def _stop_workers(frame: Disributed_frame, state: _Rank, pool: WorkerPool | None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +35,44 @@ def active_blocks(round_index: int, n_blocks: int, share: float, seed: int) -> l
     return sorted(rng.choice(n_blocks, size=count, replace=False).tolist())
 
 
-def round_batches(frame: Frame, round_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The K mini-batches of a round: batches r·K … r·K + K − 1 of the seeded sequence."""
-    K = frame.H["K"]
-    return [frame.train_batches[round_index * K + t] for t in range(K)]
+ROUND_CACHE_BYTES = 64 * 2**20  # a round keeps the batches it fetched up to this size; beyond, it fetches again
+
+
+class RoundBatches(Sequence):
+    """The K mini-batches of a round, batches r·K … r·K + K − 1 of the seeded sequence, fetched when used.
+
+    Memory does not grow with K: fetched batches are kept for the other blocks of the round only while they fit
+    in ``ROUND_CACHE_BYTES``; past that each use fetches again (the batch is a pure function of its index).
+    """
+
+    def __init__(self, stream: Any, round_index: int, K: int):
+        self.stream, self.start, self.K = stream, round_index * K, K
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return self.K
+
+    def __getitem__(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= t < self.K:
+            raise IndexError(f"local step {t} of a round with K = {self.K}")
+        if t in self._cache:
+            return self._cache[t]
+        batch = self.stream[self.start + t]
+        size = sum(x.numel() * x.element_size() for x in batch)
+        if self._cached_bytes + size <= ROUND_CACHE_BYTES:
+            self._cache[t], self._cached_bytes = batch, self._cached_bytes + size
+        return batch
+
+    @property
+    def samples(self) -> int:
+        """Training samples in the round's K batches (every batch of the sequence is full)."""
+        return self.K * self.stream.batch_size
+
+
+def round_batches(frame: Frame, round_index: int) -> RoundBatches:
+    """The K mini-batches of a round: batches r·K … r·K + K − 1 of the seeded sequence, fetched when used."""
+    return RoundBatches(frame.train_batches, round_index, frame.H["K"])
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +82,7 @@ def sync(device: torch.device) -> None:
 
 
 def local_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """K optimiser steps on one block's copy.
 
     Only the block's own parameters require grad in its copy, so autograd records nothing before the block (the
@@ -102,8 +136,22 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
     return record
 
 
+def model_is_finite(frame: Frame) -> bool:
+    """Whether every parameter and buffer of the centre and the last logged losses are finite."""
+    last = frame.history[-1] if frame.history else {}
+    losses = [v for k, v in last.items() if k.endswith("loss") and isinstance(v, float)]
+    with torch.no_grad():
+        tensors = all(torch.isfinite(t).all() for t in frame.center_model.state_dict().values()
+                      if t.is_floating_point())
+    return tensors and all(math.isfinite(v) for v in losses)
+
+
 def run_measurements(frame: Frame) -> None:
-    """Run every measurement unit once and let it log its result."""
+    """Run every measurement unit once and let it log its result; skipped (and said so) on a diverged model,
+    whose curvature would be logged as finite-looking numbers of a meaningless model."""
+    if frame.measure_units and not model_is_finite(frame):
+        frame.log(f"Measurements skipped at round {frame.round}: the model has non-finite parameters or losses")
+        return
     t0 = time.perf_counter()
     for unit in frame.measure_units:
         result = unit.measure(frame)
@@ -116,6 +164,7 @@ def check_stoppers(frame: Frame, record: dict[str, Any]) -> bool:
     for unit in frame.stopper_units:
         if unit.check(record):
             frame.stop_reason = f"{type(unit).__name__}: {unit.message}"
+            frame.stop_kind = unit.reason
             frame.log(f"Stopping: {frame.stop_reason}")
             return True
     return False

@@ -17,6 +17,7 @@ interrupted while it is blocked inside a gloo collective:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing as mp
@@ -28,7 +29,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While spawned single-machine ranks join their group: gloo's sockets on the loopback interface only
+    (``GLOO_SOCKET_IFNAME=lo``, inherited by the spawned workers), unless the user chose an interface."""
+    chosen = "GLOO_SOCKET_IFNAME" in os.environ or "lo" not in {name for _, name in socket.if_nameindex()}
+    if not chosen:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        yield
+    finally:
+        if not chosen:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
 def available_cpus() -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
+from src.records import lock_holder
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Devices
@@ -75,6 +77,7 @@ class Handle:
     process: subprocess.Popen | None = None  # None when adopted from an earlier master
     command: tuple[str, ...] = ()
     returncode: int | None = None
+    lock: tuple[Path, str] | None = None  # (reports folder, run id) of an adopted run: alive while its lock is held
 
 
 class Launcher(Protocol):
@@ -134,6 +137,8 @@ class LocalLauncher:
         if handle.process is not None:
             handle.returncode = handle.process.poll()
             return handle.returncode is None
+        if handle.lock is not None:
+            return lock_holder(*handle.lock) == handle.pid
         return _same_command(_cmdline(handle.pid), handle.command)
 
     def _signal(self, handle: Handle, sig: int, group: bool) -> None:

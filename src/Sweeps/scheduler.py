@@ -17,16 +17,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from src.records import lock_holder
 from src.reporting import read_metrics, read_report, write_json_atomic
 from src.Sweeps.grid import Run
 from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot
 from src.Sweeps.tracker import now, read_tracker
 
-STATUSES = ("pending", "running", "done", "failed", "interrupted")  # a run's status in the tracker
+STATUSES = ("pending", "running", "done", "diverged", "failed", "interrupted")  # a run's status in the tracker
+ENDED = ("done", "diverged")  # final: never run again (a diverged run is a result, not a failure to retry)
 BAD_INPUT = 2  # dol1.py's exit status for bad input: such a run is never retried
+RUN_LOCKED = 3  # dol1.py's exit status when another process runs the same run id: wait for that one
 INTERRUPTED = 130
-_REPORT_OUTCOME = {"finished": "done", "stopped": "done", "failed": "failed", "interrupted": "interrupted",
-                   "alive": "failed"}  # "alive" after the process is gone: killed hard (OOM, kill -9)
+_REPORT_OUTCOME = {"finished": "done", "stopped": "done", "diverged": "diverged", "failed": "failed",
+                   "interrupted": "interrupted", "died": "failed",
+                   "alive": "failed"}  # "alive" from an old report whose process is gone: killed hard
 
 
 @dataclass
@@ -107,18 +111,36 @@ class Scheduler:
         # no report of this attempt: never confirmed started (interrupted) or died before writing it (failed)
         return "interrupted" if entry.get("pid") is None else "failed"
 
+    def _report_status(self, run: Run) -> str | None:
+        try:
+            return read_report(run.report)["status"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _live(self, run: Run) -> Handle | None:
+        """The process running this run now, started by anyone: the holder of the run's lock (a run claims it
+        before its first write), else a process with exactly this command line (one still starting up)."""
+        pid = lock_holder(run.reports_dir, run.run_id)
+        if pid is not None and pid > 0:
+            return Handle(pid, None, tuple(self.command(run)), lock=(run.reports_dir, run.run_id))
+        return self.launcher.find(self.command(run))
+
     def _finish(self, active: _Active) -> None:
         run, handle, entry = active.run, active.handle, self.entry(active.run)
         code = handle.returncode
+        if code == RUN_LOCKED and (holder := self._live(run)) is not None:  # another master's run: wait for it
+            self.active.remove(active)
+            self._adopt(run, holder, entry, active.since)
+            return
         if code is None:
             outcome = self._from_report(run, entry, active.since)
         elif code == 0:
-            outcome = "done"
+            outcome = "diverged" if self._report_status(run) == "diverged" else "done"
         elif code in (INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
             outcome = "interrupted"
         else:
             outcome = "failed"
-        if active.killed and outcome != "done":
+        if active.killed and outcome not in ENDED:
             outcome = "interrupted"
         if (rounds := _fresh_round(run, active.since)) is not None:
             entry["rounds_done"] = rounds
@@ -159,7 +181,7 @@ class Scheduler:
 
     def _launch(self, run: Run, slot: Slot) -> None:
         entry, command = self.entry(run), self.command(run)
-        found = self.launcher.find(command)
+        found = self._live(run)
         if found is not None:  # someone else runs it already: wait for that one instead
             self._adopt(run, found, entry, time.time())
             return
@@ -194,11 +216,11 @@ class Scheduler:
                 "started": None, "ended": None, "detail": None, "rounds_done": 0})
             entry.update(overrides=run.overrides, H=run.H, argv=run.argv, rounds_total=run.H["rounds"],
                          report=str(run.report), log=str(run.log))
-            if entry["status"] == "done":
+            if entry["status"] in ENDED:
                 self.on_event("skip", run, entry)
                 continue
             since = datetime.fromisoformat(entry["started"]).timestamp() if entry.get("started") else 0.0
-            found = self.launcher.find(self.command(run))
+            found = self._live(run)
             if found is not None:
                 self._adopt(run, found, entry, since)
             elif entry["status"] == "running":  # its master died and so did the run since: what became of it?
