@@ -12,7 +12,6 @@ or stopped by a stopper, 1 failed, 2 bad input (nothing written), 3 the same run
 from __future__ import annotations
 
 import math
-import os
 import re
 import signal
 import sys
@@ -23,23 +22,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` finds `src`
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from src.Architectures.Models import MODELS  # noqa: E402 - after the path fix above
-import torch  # noqa: E402
-from src.Buliding_Units.checkpoint import restore  # noqa: E402
-from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
-from src.Buliding_Units.plugins import parse_units  # noqa: E402
-from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
-                                     measure_saved_model, read_config, recover_dead_holder, save_model, units_text,
-                                     write_config)
-from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
-from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402
-from src.Data import DATASETS  # noqa: E402
-from src.Optimizer_Engines import EngineSpec, engine_table, resolve_engine  # noqa: E402
-from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
-from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
-from src.plots import training_curve  # noqa: E402
-from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
-from src.reporting import Paths, Reporter, format_progress  # noqa: E402
+from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402 - after the path fix above
+from src.Optimizer_Engines import declared_engines, engine_table  # noqa: E402 - imports no engine, no torch
 
 DEFAULTS: dict[str, Any] = {
     # --- what to train ---
@@ -84,6 +68,42 @@ DEFAULTS: dict[str, Any] = {
     "measure_only": "",  # a run id R<hash> (or one of its files): run the measurement units on its saved model
     "deterministic": False,  # torch.use_deterministic_algorithms(True), and cuDNN's deterministic flags on GPU
 }
+
+
+
+def _help_texts() -> dict[str, str]:
+    texts = key_comments(Path(__file__).read_text())
+    engines = "; ".join(f"{name} ({summary.rstrip('.')})" for name, summary in declared_engines().items())
+    texts["training_mode"] = f"{texts['training_mode']}. Engines: {engines}"
+    return texts
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """Flag names and value types only (argparse exits 2, or 0 after ``--help``), before torch is imported."""
+    parse_arguments(DEFAULTS, argv, help_texts=_help_texts(), prog="dol1.py", description=__doc__.split("\n\n")[0],
+                    bare={"resume": "yes"})
+
+
+if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction of a second, not after torch's import
+    precheck(sys.argv[1:])
+
+# everything below imports torch
+from src.utils import set_deterministic  # noqa: E402
+from src.Architectures.Models import MODELS  # noqa: E402
+from src.Buliding_Units.checkpoint import restore  # noqa: E402
+from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
+from src.Buliding_Units.plugins import parse_units  # noqa: E402
+from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
+                                     measure_saved_model, read_config, recover_dead_holder, resume_notes, save_model,
+                                     units_text, write_config)
+from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
+from src.Data import DATASETS  # noqa: E402
+from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
+from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
+from src.plots import training_curve  # noqa: E402
+from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
+from src.reporting import Paths, Reporter, format_progress  # noqa: E402
 
 _CHOICES = {
     "block_update": tuple(BLOCK_UPDATES),
@@ -133,6 +153,11 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"--training_mode blockwise_sequential)")
     _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
            f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
+    world = (torchrun_env() or torchrun_env({"RANK": "0", "WORLD_SIZE": "1"})).world_size
+    _check(world == 1 or spec.torchrun_worker is not None,
+           f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={world} it would run "
+           f"{world} identical copies. Use a multi-process mode "
+           f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
     stoppers(H)
     return spec
 
@@ -140,13 +165,6 @@ def validate(H: dict[str, Any]) -> EngineSpec:
 def stoppers(H: dict[str, Any]) -> list[StopperUnit]:
     """The stoppers asked for by H's keys; the non-finite check is always first."""
     return stoppers_from_settings(H)
-
-
-def _help_texts() -> dict[str, str]:
-    texts = key_comments(Path(__file__).read_text())
-    engines = "; ".join(f"{name} ({spec.summary.rstrip('.')})" for name, spec in engine_table().items())
-    texts["training_mode"] = f"{texts['training_mode']}. Engines: {engines}"
-    return texts
 
 
 def _defaults_for(argv: Sequence[str]) -> dict[str, Any]:
@@ -333,15 +351,9 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
     except BaseException:
         claim.release()
         raise
-    if recovered:
-        frame.log(recovered)
-    if resume is not None:
-        frame.log(f"Resumed at round {frame.round} from {resume['_path']}"
-                  + "".join(f"; skipped {problem}" for problem in resume["_problems"]))
-    threads = (previous or {}).get("reproducibility", {}).get("torch_threads")
-    if threads is not None and threads != record["torch_threads"]:
-        frame.log(f"Warning: resumed with {record['torch_threads']} torch threads where the run had {threads}: "
-                  f"the rest of the trajectory is not bit-identical to an uninterrupted run")
+    for note in [recovered] + resume_notes(frame, resume, previous, record):
+        if note:
+            frame.log(note)
     return frame, claim
 
 
@@ -353,14 +365,6 @@ def measure_only(H: dict[str, Any]) -> Frame:
     return frame
 
 
-def _refuse_torchrun_copies(spec: EngineSpec) -> None:
-    env = torchrun_env()
-    _check(env is None or env.world_size == 1 or spec.torchrun_worker is not None,
-           f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={env and env.world_size}"
-           f" it would run that many identical copies. Use a multi-process mode "
-           f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
-
-
 def main(argv: Sequence[str] | None = None) -> Frame | None:
     """Run one experiment: resolve → open (claim, resume) → train; returns the trained Frame (None on a torchrun
     rank > 0)."""
@@ -368,11 +372,8 @@ def main(argv: Sequence[str] | None = None) -> Frame | None:
     try:
         H = resolve_config(argv)
         spec = resolve_engine(H["training_mode"])
-        _refuse_torchrun_copies(spec)
         if H["deterministic"]:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            set_deterministic()
         if (note := device_note(H["cuda_core"])) is not None:
             print(f"dol1.py: warning: {note}", file=sys.stderr)
         if H["measure_only"]:

@@ -7,6 +7,7 @@ the plugins it builds, a floor up: :func:`src.Buliding_Units.plugins.parse_measu
 """
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -19,7 +20,14 @@ from src.reporting import PROJECT_ROOT, Reporter, archive_existing, git_commit, 
 
 __all__ = ["PROJECT_ROOT", "ConfigError", "Reporter", "archive_existing", "block_tensors", "copy_block", "copy_model",
            "get_max_batch_size", "git_commit", "key_comments", "parse_arguments", "read_report", "run_id",
-           "set_seed"]
+           "set_deterministic", "set_seed"]
+
+
+def set_deterministic() -> None:
+    """PyTorch's deterministic algorithms (an error where none exists) and cuDNN's deterministic mode."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def set_seed(seed: int) -> None:

@@ -260,3 +260,18 @@ def measure_saved_model(run_or_path: str | Path, output_root: str | Path | None,
         unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})
         logs.append(log)
     return frame, logs
+
+
+def resume_notes(frame: Frame, resume: dict[str, Any] | None, previous: dict[str, Any] | None,
+                 record: Mapping[str, Any]) -> list[str]:
+    """The report lines of a resume: where it resumed from, what was skipped, and a thread-count warning."""
+    if resume is None:
+        return []
+    notes = [f"Resumed at round {frame.round} from {resume['_path']}"
+             + "".join(f"; skipped {problem}" for problem in resume["_problems"])]
+    threads = (previous or {}).get("reproducibility", {}).get("torch_threads")
+    if threads is not None and threads != record["torch_threads"]:
+        notes.append(f"Warning: resumed with {record['torch_threads']} torch threads where the run had {threads}: "
+                     f"the rest of the trajectory is not bit-identical to an uninterrupted run")
+    return notes
+

@@ -16,12 +16,14 @@ round, and the frame factory reads the registered entries without importing any 
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
 import pkgutil
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from src.cli import ConfigError
@@ -160,3 +162,22 @@ def resolve_engine(name: str) -> EngineSpec:
 def registered_engine(name: str) -> EngineSpec | None:
     """The engine registered under ``name`` so far, without importing anything (None if none is)."""
     return ENGINES.get(name)
+
+
+def declared_engines() -> dict[str, str]:
+    """Name → summary of the engines that this package's modules register, read from their source without
+    importing them (so ``dol1.py --help`` answers before torch is imported). Sorted by name."""
+    found = {}
+    for path in sorted(p for folder in __path__ for p in Path(folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                target = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if getattr(target, "id", getattr(target, "attr", None)) != "register_engine":
+                    continue
+                args = decorator.args if isinstance(decorator, ast.Call) else []
+                name = args[0].value if args and isinstance(args[0], ast.Constant) else node.name
+                found[name] = (ast.get_docstring(node) or "").split("\n")[0]
+    return dict(sorted(found.items()))
+
