@@ -94,5 +94,25 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
         parser.add_argument(f"--{key}", dest=key, default=default, type=_converter(key, default),
                             metavar="VALUE" if default is None else _type_name(default).split(" ")[0].upper(),
                             help=help_texts.get(key, " "), **optional)
-    return vars(parser.parse_args(argv))
+    return vars(parser.parse_args(_join_negative_values(argv, defaults)))
+
+
+def _join_negative_values(argv: Sequence[str] | None, defaults: Mapping[str, Any]) -> Sequence[str] | None:
+    """``--key -1e-3`` as ``--key=-1e-3``: argparse takes a value that starts with '-' and is not a plain number
+    (``-1e-3``, ``-.5e2``, ``-inf``) for an unknown flag."""
+    if argv is None:
+        return None
+    flags, out, i = {f"--{key}" for key in defaults}, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token in flags and following is not None and following.startswith("-") and following not in flags \
+                and following not in ("-h", "--help") and not following.startswith("--"):
+            out.append(f"{token}={following}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
 

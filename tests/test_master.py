@@ -300,3 +300,32 @@ def test_a_failed_attempt_resumes_from_its_checkpoint(tmp_path):
     report = Path(entry["report"]).read_text()
     assert "Resumed at round 5 from" in report  # the first attempt failed at round 10, after the checkpoint of 5
     assert read_report(entry["report"])["status"] == "finished" and "--resume=auto" in " ".join(entry["argv"])
+
+
+def test_a_live_run_is_adopted_by_its_lock_whatever_its_command_line(tmp_path):
+    """A run started by someone else (here dol1.py directly, keys in another order) is waited for, never started
+    a second time: the master recognises it by run id and lock, not by argv text."""
+    out = tmp_path / "out"
+    fixed = tiny(out, rounds=1500)
+    argv = [f"--{k}={v if isinstance(v, str) else repr(v)}" for k, v in reversed(list({**fixed, "step_size": 0.01}
+                                                                                    .items()))]
+    other = subprocess.Popen([sys.executable, str(PROJECT / "dol1.py"), *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: list((out / "reports").glob("R*.lock")) and list((out / "reports").glob("R*.metrics.jsonl"))
+             and (out / "reports").glob("R*.metrics.jsonl").__next__().read_text().count("\n") >= 1, 60,
+             "the outside run to start")
+    assert master.main(args(tmp_path, {"step_size": [0.01]}, fixed)) == 0
+    assert other.wait(120) == 0
+    entry = next(iter(tracker(tmp_path)["runs"].values()))
+    assert entry["attempts"] == 0 and entry["status"] == "done" and entry["pid"] == other.pid
+    assert len(list((out / "reports").glob("R*.txt"))) == 1  # one run, one report: nothing archived
+
+
+def test_diverged_run_is_a_result_not_retried(tmp_path):
+    out = tmp_path / "out"
+    fixed = tiny(out, optimizer="sgd", rounds=30)
+    assert master.main(args(tmp_path, {"step_size": [1e30]}, fixed, "--max_attempts", "3")) == 0
+    entry = next(iter(tracker(tmp_path)["runs"].values()))
+    assert (entry["status"], entry["attempts"], entry["failures"]) == ("diverged", 1, 0)
+    assert read_report(entry["report"])["status"] == "diverged"
+    assert os.stat(tmp_path / "tracker.json").st_mode & 0o044  # readable by others, like any file of the user
