@@ -25,6 +25,7 @@ from torch import nn
 from src.Architectures.Models import build_model
 from src.batch_probe import get_max_batch_size
 from src.blocks import block_tensors
+from src.Buliding_Units.ScheduleUnit import ScheduleUnit
 from src.Buliding_Units.StopperUnit import StopperUnit
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
@@ -86,6 +87,7 @@ class Frame:
     reporter: Any = None
     measure_units: list = field(default_factory=list)
     stopper_units: list = field(default_factory=list)
+    schedule_units: list = field(default_factory=list)
     paths: Paths = field(default_factory=Paths)
     optimizer: torch.optim.Optimizer | None = None
     round: int = 0
@@ -107,7 +109,11 @@ class Frame:
 
     def __post_init__(self) -> None:
         self.train_batches = self.data.batches(self.H["batch_size"], self.H["seed"])
-
+        self.H_initial = dict(self.H)  # the settings before any schedule changed K, active_share or gamma
+        self.batch_cursor = 0  # index of the next training batch of a block-wise round (advanced by round_batches)
+        self.current_lrs = [self.H["step_size"]] * self.n_blocks  # per block, as schedules set them
+        self.pool_order: torch.Tensor | None = None  # a curriculum's sample order (easiest first)
+        self.pool_size: int | None = None  # a curriculum's current pool
     @property
     def run_id(self) -> str:
         if self.run is not None:
@@ -300,8 +306,10 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
     units = list(units)
     frame_cls, criterion = FRAMES[(data.task, block_copies)]
     kwargs = dict(H=H, device=device, center_model=model, data=data, criterion=criterion(), task=data.task,
-                  reporter=reporter, measure_units=[u for u in units if not isinstance(u, StopperUnit)],
-                  stopper_units=[u for u in units if isinstance(u, StopperUnit)], paths=paths or Paths())
+                  reporter=reporter, stopper_units=[u for u in units if isinstance(u, StopperUnit)],
+                  schedule_units=[u for u in units if isinstance(u, ScheduleUnit)],
+                  measure_units=[u for u in units if not isinstance(u, (StopperUnit, ScheduleUnit))],
+                  paths=paths or Paths())
     if issubclass(frame_cls, Disributed_frame):
         return frame_cls(owned_blocks=owned_blocks, **kwargs)
     return frame_cls(**kwargs)

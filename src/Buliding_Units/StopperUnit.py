@@ -9,6 +9,7 @@ such as ``- EarlyStoppingStopper monitor=test_loss patience=5``.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
@@ -41,6 +42,10 @@ class StopperUnit(ABC):
     @abstractmethod
     def check(self, metrics: Mapping[str, Any]) -> bool:
         """Look at one progress check's metrics; True means stop."""
+
+    def check_round(self, frame: Any) -> bool:
+        """Asked after every round (not only at progress checks); True means stop. Default: never."""
+        return False
 
     def _stop(self, reason: str, message: str) -> bool:
         self.reason, self.message = reason, message
@@ -151,6 +156,37 @@ class TargetStopper(StopperUnit):
         if reached:
             return self._stop("target", f"{self.monitor} = {value:.6g} reached the target {self.threshold}")
         return False
+
+
+class BudgetStopper(StopperUnit):
+    """Stops once a compute budget is spent: ``samples`` (training samples), ``steps`` (optimiser steps) or
+    ``seconds`` (wall time of training), whichever is named (several: the first reached; none: it never stops).
+    Checked after every round, so two runs compared at one budget stop within one round of it. Cost: nothing."""
+
+    def __init__(self, samples: int | None = None, steps: int | None = None, seconds: float | None = None) -> None:
+        budgets = {"samples": samples, "steps": steps, "seconds": seconds}
+        for key, value in budgets.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+        self.budgets = {k: v for k, v in budgets.items() if v is not None}
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.budgets)
+
+    def _spent(self, used: Mapping[str, float]) -> bool:
+        for key, budget in self.budgets.items():
+            if used.get(key, 0) >= budget:
+                return self._stop(f"budget_{key}", f"{key} budget {budget:g} reached ({used[key]:g} used)")
+        return False
+
+    def check(self, metrics: Mapping[str, Any]) -> bool:
+        return self._spent({"samples": metrics.get("samples", 0), "steps": metrics.get("steps", 0),
+                            "seconds": metrics.get("wall_time", 0.0)})
+
+    def check_round(self, frame: Any) -> bool:
+        return self._spent({"samples": frame.samples, "steps": frame.steps,
+                            "seconds": time.perf_counter() - frame.start_time})
 
 
 def stoppers_from_settings(H: Mapping[str, Any]) -> list[StopperUnit]:

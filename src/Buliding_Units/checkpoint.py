@@ -85,6 +85,8 @@ def frame_state(frame: Frame) -> dict[str, Any]:
         "rng": {0: rng_state()},
         "stoppers": [u.state_dict() for u in frame.stopper_units],
         "measurements": [u.state_dict() for u in frame.measure_units],
+        "schedules": [u.state_dict() for u in frame.schedule_units],
+        "batch_cursor": frame.batch_cursor, "current_lrs": list(frame.current_lrs), "pool_order": frame.pool_order,
     }
     if frame.remote_state is not None:
         remote = frame.remote_state()
@@ -108,6 +110,10 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
         unit.load_state_dict(unit_state)
     for unit, unit_state in zip(frame.measure_units, state["measurements"]):
         unit.load_state_dict(unit_state, frame)
+    for unit, unit_state in zip(frame.schedule_units, state["schedules"]):
+        unit.load_state_dict(unit_state)
+    frame.batch_cursor, frame.current_lrs = state["batch_cursor"], list(state["current_lrs"])
+    frame.pool_order, frame.pool_size = state["pool_order"], None  # the next round's schedule rebuilds the pool
     frame.round, frame.steps, frame.samples = state["round"], state["steps"], state["samples"]
     frame.bytes_sent, frame.stop_reason, frame.elapsed = state["bytes_sent"], state["stop_reason"], state["elapsed"]
     frame.timers.update(state["timers"])

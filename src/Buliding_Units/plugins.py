@@ -1,6 +1,6 @@
 """The plugin registry and the ``Units.txt`` parser.
 
-A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit`` or a
+A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit``, a ``ScheduleUnit`` or a
 ``StopperUnit``. Plugins defined in this package's plugin modules are known by their class name; any other is
 named by a dotted path ``package.module.Class``.
 
@@ -18,18 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from src.Buliding_Units import MeasurementUnit as measurement_module
+from src.Buliding_Units import ScheduleUnit as schedule_module
 from src.Buliding_Units import StopperUnit as stopper_module
 from src.cli import ConfigError
 from src.reporting import PROJECT_ROOT
 
-PLUGIN_BASES: tuple[type, ...] = (measurement_module.MeasurementUnit, stopper_module.StopperUnit)
+PLUGIN_BASES: tuple[type, ...] = (measurement_module.MeasurementUnit, stopper_module.StopperUnit,
+                                  schedule_module.ScheduleUnit)
 DEFAULT_UNITS_FILE = PROJECT_ROOT / "measurements" / "Units.txt"
 
 
 def available_plugins() -> dict[str, type]:
     """Every concrete plugin class defined in the plugin modules of this package, by class name."""
     found = {}
-    for module in (measurement_module, stopper_module):
+    for module in (measurement_module, stopper_module, schedule_module):
         for name, cls in vars(module).items():
             if inspect.isclass(cls) and issubclass(cls, PLUGIN_BASES) and not inspect.isabstract(cls) \
                     and cls.__module__ == module.__name__:
@@ -79,8 +81,12 @@ def _arguments(cls: type, name: str, args: list[str], where: str) -> dict[str, A
         if not sep or not key:
             raise ConfigError(f"{where}: argument {arg!r} of {name} is not of the form key=value")
         kwargs[key] = _literal(value)
-    parameters = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in ("self", "args", "kwargs")}
+    signature = inspect.signature(cls).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())  # passes extras on
+    parameters = {k: p for k, p in signature.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     for key, value in kwargs.items():
+        if key not in parameters and open_ended:
+            continue
         if key not in parameters:
             raise ConfigError(f"{where}: {name} has no argument {key!r}.{_did_you_mean(key, list(parameters))} "
                               f"Valid: {list(parameters)}")

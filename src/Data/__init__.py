@@ -1,6 +1,6 @@
 """Data sets and the seeded batch order; start with ``load_data`` (see ``datasets``)."""
 
-from .batching import BatchStream, LoaderBatchStream, TensorBatchStream, epoch_permutation
+from .batching import BatchStream, LoaderBatchStream, PoolBatchStream, TensorBatchStream, epoch_permutation
 from .datasets import DATASETS, DatasetEntry, TaskData, load_data
 from .images import DEFAULT_ROOT, IMAGE_DATASETS, generate_imagedata, stratified_subset
 from .regression import REGRESSION_DATASETS, LinearRegressionDataset, generate_regressiondata
@@ -14,6 +14,7 @@ __all__ = [
     "DatasetEntry",
     "LinearRegressionDataset",
     "LoaderBatchStream",
+    "PoolBatchStream",
     "TaskData",
     "TensorBatchStream",
     "epoch_permutation",

@@ -100,6 +100,27 @@ class TensorBatchStream(BatchStream):
         return self.inputs[idx], self.targets[idx]
 
 
+class PoolBatchStream(BatchStream):
+    """Batches drawn from a pool of samples (a curriculum's), held as tensors on the device.
+
+    Batch ``t`` is slice ``k`` of ``epoch_permutation(len(pool), seed, e)`` mapped through ``pool``: a pure
+    function of (pool, batch_size, seed, t), like every stream.
+    """
+
+    def __init__(self, inputs: Tensor, targets: Tensor, pool: Tensor, batch_size: int, seed: int) -> None:
+        super().__init__(len(pool), batch_size, seed)
+        self.inputs, self.targets = inputs, targets
+        self.pool = pool.to(inputs.device)
+        self._device_perm: tuple[int, Tensor] | None = None
+
+    def __getitem__(self, t: int) -> tuple[Tensor, Tensor]:
+        epoch, k = self.position(t)
+        if self._device_perm is None or self._device_perm[0] != epoch:
+            self._device_perm = (epoch, self.pool[self.permutation(epoch).to(self.inputs.device)])
+        idx = self._device_perm[1][k * self.batch_size:(k + 1) * self.batch_size]
+        return self.inputs[idx], self.targets[idx]
+
+
 class _EpochBatchSampler:
     """Batch sampler yielding the batches ``start..end`` of one epoch's permutation.
 

@@ -47,6 +47,7 @@ from torch import nn
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
+from src.Buliding_Units.ScheduleUnit import apply_changes
 from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff
 from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
@@ -99,11 +100,16 @@ def _broadcast_tensors(state: _Rank, tensors: list[torch.Tensor], src: int) -> i
     return sent
 
 
-def _command(state: _Rank, value: int = 0) -> int:
-    """Rank 0 sends ``value`` (a round index or STOP); every rank returns it."""
-    t = torch.tensor([value], dtype=torch.int64, device=state.comm_device)
+def _command(state: _Rank, value: int = 0, changes: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """Rank 0 sends ``value`` (a round index, STOP or CHECKPOINT) and the round's schedule changes, if any (a second
+    broadcast, only then); every rank returns both."""
+    t = torch.tensor([value, 1 if changes else 0], dtype=torch.int64, device=state.comm_device)
     dist.broadcast(t, src=0)
-    return int(t.item())
+    if not t[1].item():
+        return int(t[0].item()), {}
+    box = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in (changes or {}).items()}]
+    dist.broadcast_object_list(box, src=0)
+    return int(t[0].item()), box[0]
 
 
 def _maybe_fail_for_test(rank: int, round_index: int) -> None:
@@ -189,7 +195,11 @@ def centre_spread(frame: Disributed_frame, state: _Rank) -> float:
 def worker_loop(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> None:
     """A rank > 0: prepare, run the rounds rank 0 commands until STOP, then the final centre check."""
     state = _prepare(frame, plan, rank)
-    while (command := _command(state)) != STOP:
+    while True:
+        command, changes = _command(state)
+        if command == STOP:
+            break
+        apply_changes(frame, changes)  # the same schedule changes as rank 0, before the round
         if command == CHECKPOINT:
             gather_states(frame, rank, plan.n)
         else:
@@ -298,7 +308,7 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
 
     def step(frame: Disributed_frame, round_index: int) -> float:
         started = time.perf_counter()
-        _command(state, round_index)
+        _command(state, round_index, frame.round_changes)
         return distributed_round(frame, state, round_index, started)
 
     def remote_state() -> dict[str, Any]:

@@ -54,7 +54,7 @@ def handoff(frame: Disributed_frame) -> dict[str, Any]:
     if frame.restored_rng is None:
         return {}
     state = local_state(frame, 0)
-    state["rng"] = dict(frame.restored_rng)
+    state.update(rng=dict(frame.restored_rng), batch_cursor=frame.batch_cursor, pool_order=frame.pool_order)
     return state
 
 
@@ -67,3 +67,4 @@ def apply_handoff(frame: Disributed_frame, rank: int, state: dict[str, Any]) -> 
         frame.block_optimizers[b].load_state_dict(state["block_optimizers"][b])
     if rank in state["rng"]:
         set_rng_state(state["rng"][rank])
+    frame.batch_cursor, frame.pool_order = state["batch_cursor"], state["pool_order"]

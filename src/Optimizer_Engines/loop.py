@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from src.Buliding_Units.Model_frames import Frame
+from src.Buliding_Units.ScheduleUnit import apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
 
 
@@ -39,14 +40,14 @@ ROUND_CACHE_BYTES = 64 * 2**20  # a round keeps the batches it fetched up to thi
 
 
 class RoundBatches(Sequence):
-    """The K mini-batches of a round, batches r·K … r·K + K − 1 of the seeded sequence, fetched when used.
+    """The K mini-batches of a round, batches start … start + K − 1 of the seeded sequence, fetched when used.
 
     Memory does not grow with K: fetched batches are kept for the other blocks of the round only while they fit
     in ``ROUND_CACHE_BYTES``; past that each use fetches again (the batch is a pure function of its index).
     """
 
-    def __init__(self, stream: Any, round_index: int, K: int):
-        self.stream, self.start, self.K = stream, round_index * K, K
+    def __init__(self, stream: Any, start: int, K: int):
+        self.stream, self.start, self.K = stream, start, K
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
 
@@ -71,8 +72,12 @@ class RoundBatches(Sequence):
 
 
 def round_batches(frame: Frame, round_index: int) -> RoundBatches:
-    """The K mini-batches of a round: batches r·K … r·K + K − 1 of the seeded sequence, fetched when used."""
-    return RoundBatches(frame.train_batches, round_index, frame.H["K"])
+    """The K mini-batches of the round: the next K batches of the seeded sequence (r·K … r·K + K − 1 while K is
+    fixed; a schedule that changes K moves the start by the K of each round), fetched when used. Call it once per
+    round: it advances ``frame.batch_cursor``."""
+    batches = RoundBatches(frame.train_batches, frame.batch_cursor, frame.H["K"])
+    frame.batch_cursor += frame.H["K"]
+    return batches
 
 
 def sync(device: torch.device) -> None:
@@ -127,6 +132,7 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
         "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],
         "compute_time_share": frame.timers["compute"] / busy if busy else 1.0,
         "deviation": deviation, "bytes_sent": frame.bytes_sent, "rounds_total": frame.H["rounds"],
+        **schedule_record(frame),
     }
     frame.history.append(record)
     if frame.reporter is not None:
@@ -178,6 +184,16 @@ def save_checkpoint(frame: Frame) -> None:
     frame.log(f"Checkpoint at round {frame.round}: {path}")
 
 
+def check_round_stoppers(frame: Frame) -> bool:
+    """Ask the stoppers that watch every round (budgets); the first that fires sets ``frame.stop_reason``."""
+    for unit in frame.stopper_units:
+        if unit.check_round(frame):
+            frame.stop_reason, frame.stop_kind = f"{type(unit).__name__}: {unit.message}", unit.reason
+            frame.log(f"Stopping: {frame.stop_reason}")
+            return True
+    return False
+
+
 def due(round_index: int, rate: int) -> bool:
     """True every ``rate`` rounds (rate 1 = every round, 0 = never)."""
     return rate > 0 and round_index % rate == 0
@@ -195,12 +211,17 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     record = log_progress(frame) if frame.round == 0 else None
     stopped = record is not None and check_stoppers(frame, record)
     while not stopped and frame.round < H["rounds"]:
+        frame.round_changes = schedule_changes(frame, frame.round)  # a multi-process engine sends them on
+        apply_changes(frame, frame.round_changes)
         deviation = step(frame, frame.round)
         frame.round += 1
+        stopped = check_round_stoppers(frame)
         record = None
-        if due(frame.round, H["report_sampling_rate"]):
+        if due(frame.round, H["report_sampling_rate"]) or stopped:
             record = log_progress(frame, deviation)
-            stopped = check_stoppers(frame, record)
+            stopped = check_stoppers(frame, record) or stopped
+            for unit in frame.schedule_units:
+                unit.observe(frame, record)
         if due(frame.round, H["measurement_sampling_rate"]) and frame.round < H["rounds"] and not stopped:
             run_measurements(frame)
         if progress is not None:
