@@ -231,7 +231,7 @@ def make_frame(H: dict[str, Any], spec: EngineSpec) -> Frame:
     frame = generate_ModelFrame(H, units=stoppers(H) + parse_units(text, source),
                                 paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
     frame.run = experiment_id(H, text)
-    for unit in frame.measure_units:
+    for unit in frame.measure_units + frame.schedule_units:
         try:
             unit.prepare(frame)
         except ValueError as err:

@@ -184,21 +184,24 @@ class ParameterSchedule(ScheduleUnit):
             fraction = (1 - math.cos(math.pi * fraction)) / 2
         return self.start + (self.end - self.start) * fraction
 
-    def _cast(self, value: float) -> Any:
+    def _cast(self, value: float, round_index: int) -> Any:
         kind, low, high = _KEYS[self.key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"ParameterSchedule gives {self.key} = {value!r} at round {round_index}: not a number")
         value = int(round(value)) if kind is int else float(value)
         ok = (value >= low if kind is int else value > low) and (high is None or value <= high)
         if not ok:
             bounds = f">= {low}" if kind is int else f"in ({low}, {high}]"
-            raise ValueError(f"ParameterSchedule gives {self.key} = {value}, which must be {bounds}")
+            raise ValueError(f"ParameterSchedule gives {self.key} = {value:.6g} at round {round_index}, which must be "
+                             f"{bounds}")
         return value
 
     def prepare(self, frame: Any) -> None:
         for r in range(frame.H["rounds"] + 1):
-            self._cast(self.value(frame, r))
+            self._cast(self.value(frame, r), r)
 
     def at(self, frame: Any, round_index: int) -> dict[str, Any]:
-        return {self.key: self._cast(self.value(frame, round_index))}
+        return {self.key: self._cast(self.value(frame, round_index), round_index)}
 
 
 PACINGS = ("linear", "root", "exponential", "step")
@@ -311,6 +314,8 @@ class Curriculum(ScheduleUnit):
             changes["order"] = self._order
         if self._order is None:
             return changes
+        if frame.pool_order is None:  # a score file's order, or the first round after a resume
+            changes["order"] = self._order
         n = len(self._order)
         changes["pool_size"] = max(1, math.ceil(pacing_fraction(self.pacing, self.start, self.full_at,
                                                                 round_index) * n))

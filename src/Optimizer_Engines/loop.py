@@ -210,6 +210,8 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     deviation = 0.0
     record = log_progress(frame) if frame.round == 0 else None
     stopped = record is not None and check_stoppers(frame, record)
+    for unit in frame.schedule_units if record is not None else ():
+        unit.observe(frame, record)
     while not stopped and frame.round < H["rounds"]:
         frame.round_changes = schedule_changes(frame, frame.round)  # a multi-process engine sends them on
         apply_changes(frame, frame.round_changes)
