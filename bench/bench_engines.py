@@ -132,6 +132,42 @@ def bench_round(rounds: int, units_file: str = "") -> list[str]:
     return rows
 
 
+SCHEDULES = ("- LearningRateSchedule scheduler=CosineAnnealingLR",
+             "- ParameterSchedule key=gamma shape=cosine start=1.0 end=0.8",
+             "- ParameterSchedule key=active_share values=[[0,1.0]]",
+             "- Curriculum score=loss pacing=linear start=0.2 full_at={half}")
+
+
+def bench_schedules(rounds: int, repeats: int) -> list[str]:
+    """(d) Per-round cost of three schedules and a curriculum against none, on the default run (equal work: the
+    schedules change the learning rate, the damping and the pool, not the number of steps or samples)."""
+    import tempfile
+
+    import dol1
+
+    per_round: dict[str, list[float]] = {"none": [], "3 schedules + curriculum": []}
+    shares = []
+    with tempfile.TemporaryDirectory() as out:
+        units = {"none": Path(out) / "none.txt", "3 schedules + curriculum": Path(out) / "schedules.txt"}
+        units["none"].write_text("# nothing\n")
+        units["3 schedules + curriculum"].write_text("\n".join(SCHEDULES).format(half=rounds // 2) + "\n")
+        for repeat in range(repeats):
+            for name in (per_round if repeat % 2 else reversed(list(per_round))):  # alternate the order
+                frame = dol1.main(["--rounds", str(rounds), "--output_root", f"{out}/{name}{repeat}", "--cuda_core",
+                                   "-1", "--measurement_sampling_rate", "0", "--report_sampling_rate", "0",
+                                   "--checkpoint_every", "0", "--units_file", str(units[name])])
+                t = frame.timers
+                per_round[name].append((t["compute"] + t["communication"] + t.get("schedules", 0.0)) / rounds)
+                if name != "none":
+                    shares.append(t["schedules"] / (t["compute"] + t["communication"] + t["schedules"]))
+    base, scheduled = (statistics.median(v) for v in per_round.values())
+    return [f"Default run, {rounds} rounds, median of {repeats} (order alternated); the curriculum scores the "
+            f"training set once, at round 0 (included):", "",
+            "| units | seconds per round (compute + communication + schedules) | ratio to none |", "|---|---:|---:|",
+            f"| none | {base:.4f} | 1.000 |", f"| 3 schedules + curriculum | {scheduled:.4f} | {scheduled / base:.3f} |",
+            "", f"Time inside the schedules themselves: {100 * statistics.median(shares):.2f} % of the round."]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per timing")
@@ -144,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     print("(b) block-local step against a naive full-backward step (cnn, default config)\n")
     print("\n".join(bench_block_step(max(5, args.steps // 4))) + "\n")
     print("(c) one round of the default block-wise run\n")
-    print("\n".join(bench_round(args.rounds)))
+    print("\n".join(bench_round(args.rounds)) + "\n")
+    print("(d) schedules and a curriculum against none\n")
+    print("\n".join(bench_schedules(args.rounds, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,22 @@ def pyplot():
     return plt
 
 
+SCHEDULED = ("lr", "K", "active_share", "gamma", "pool_size")  # values a schedule can change during a run
+
+
+def scheduled_series(history: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """The schedule-driven values that changed during the run: key -> (rounds, values) as logged."""
+    series = {}
+    for key in SCHEDULED:
+        points = [(h["round"], h[key]) for h in history if h.get(key) is not None]
+        if len({v for _, v in points}) > 1:
+            series[key] = ([r for r, _ in points], [v for _, v in points])
+    return series
+
+
 def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> list[Path]:
-    """Loss and accuracy (train and test) against rounds and against wall time; writes ``path`` (.pdf and .png).
+    """Loss and accuracy (train and test) against rounds and against wall time, and a row with the values that
+    schedules changed (learning rate; K, active_share, gamma, pool size); writes ``path`` (.pdf and .png).
 
     Returns the files written: none when ``history`` is empty (an engine that logged no progress).
     """
@@ -28,7 +42,9 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
         return []
     plt = pyplot()
     metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+    schedules = scheduled_series(history)
+    rows = len(metrics) + (1 if schedules else 0)
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.2 * rows), squeeze=False)
     for row, metric in enumerate(metrics):
         for col, xkey in enumerate(("round", "wall_time")):
             ax = axes[row][col]
@@ -41,10 +57,29 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend()
+    if schedules:
+        _schedule_row(axes[-1], schedules)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def _schedule_row(axes: Any, schedules: dict[str, tuple[list[int], list[float]]]) -> None:
+    """Left: the learning rate; right: the other scheduled values, each relative to its largest."""
+    left, right = axes
+    if "lr" in schedules:
+        left.plot(*schedules["lr"], label="learning rate (first block)")
+    for key, (rounds, values) in schedules.items():
+        if key != "lr":
+            top = max(abs(v) for v in values) or 1.0
+            right.step(rounds, [v / top for v in values], where="post", label=f"{key} / {top:g}")
+    for ax, label in ((left, "learning rate"), (right, "value / its maximum")):
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
 
 
 def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str] | None = None,

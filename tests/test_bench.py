@@ -41,3 +41,10 @@ def test_bench_checkpoint_smoke(capsys):
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0 and cells[6].endswith("%")
+
+
+def test_bench_engines_schedule_row():
+    rows = bench_engines.bench_schedules(rounds=2, repeats=1)
+    table = {r.split("|")[1].strip(): r for r in rows if r.startswith("| ") and "---" not in r}
+    assert {"none", "3 schedules + curriculum"} <= set(table)
+    assert 0.2 < float(table["3 schedules + curriculum"].split("|")[3]) < 5 and "%" in rows[-1]

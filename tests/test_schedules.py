@@ -217,3 +217,14 @@ def test_schedules_give_the_same_parameters_in_the_multi_process_engine(tmp_path
     assert [{k: r[k] for k in keys} for r in sequential.history[1:]] == \
         [{k: r[k] for k in keys} for r in multi.history[1:]]
     assert json.loads(multi.reporter.metrics_path.read_text().splitlines()[-1])["pool_size"] == 1438
+
+
+def test_training_curve_draws_the_logged_schedule_values(tmp_path):
+    from src.plots import scheduled_series
+    frame = dol1.main(TINY + units(tmp_path, *ALL_SCHEDULES) + ["--training_mode", "blockwise_sequential",
+                                                                 "--output_root", str(tmp_path)])
+    series = scheduled_series(frame.history)
+    assert set(series) == {"lr", "K", "gamma", "pool_size"}  # active_share never changed
+    logged = [json.loads(line) for line in frame.reporter.metrics_path.read_text().splitlines()]
+    assert series["K"] == ([r["round"] for r in logged if "K" in r], [r["K"] for r in logged if "K" in r])
+    assert (tmp_path / "figures" / f"training_curve_{frame.run_id}.png").stat().st_size > 0

@@ -213,8 +213,10 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     for unit in frame.schedule_units if record is not None else ():
         unit.observe(frame, record)
     while not stopped and frame.round < H["rounds"]:
+        t0 = time.perf_counter()
         frame.round_changes = schedule_changes(frame, frame.round)  # a multi-process engine sends them on
         apply_changes(frame, frame.round_changes)
+        frame.timers["schedules"] = frame.timers.get("schedules", 0.0) + time.perf_counter() - t0
         deviation = step(frame, frame.round)
         frame.round += 1
         stopped = check_round_stoppers(frame)
