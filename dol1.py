@@ -95,7 +95,7 @@ from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, gene
 from src.Buliding_Units.plugins import parse_units  # noqa: E402
 from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
                                      measure_saved_model, read_config, recover_dead_holder, resume_notes, save_model,
-                                     units_text, write_config)
+                                     settings_defaults, units_text, write_config)
 from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
@@ -145,8 +145,12 @@ def validate(H: dict[str, Any]) -> EngineSpec:
     _check(0 <= H["beta"] <= 1, f"--beta must be in [0, 1], got {H['beta']}")
     _check(isinstance(H["config"], list) and len(H["config"]) > 0,
            f"--config must be a non-empty list such as [8, 8] or [[16, 16], [32, 32]], got {H['config']!r}")
-    _check(H["target_value"] is None or isinstance(H["target_value"], (int, float)),
+    _check(H["target_value"] is None or isinstance(H["target_value"], (int, float))
+           and not isinstance(H["target_value"], bool),
            f"--target_value must be a number or None, got {H['target_value']!r}")
+    _check(H["cuda_core"] >= -1, f"--cuda_core must be a GPU index >= 0, or -1 for the CPU; got {H['cuda_core']}")
+    _check(H["communication_delay"] <= 3600, f"--communication_delay is seconds per round, at most 3600; got "
+                                             f"{H['communication_delay']}")
     _check(not spec.block_updates or H["block_update"] in spec.block_updates,
            f"--block_update {H['block_update']} cannot run in --training_mode {spec.name}; valid block updates "
            f"for {spec.name}: {list(spec.block_updates)} (gauss_seidel updates one block after another: use "
@@ -167,23 +171,10 @@ def stoppers(H: dict[str, Any]) -> list[StopperUnit]:
     return stoppers_from_settings(H)
 
 
-def _defaults_for(argv: Sequence[str]) -> dict[str, Any]:
-    """DEFAULTS, or the settings of ``--settings_file`` when argv names one (flags still override them)."""
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--settings_file=")), None)
-    if path is None and "--settings_file" in argv[:-1]:
-        path = argv[list(argv).index("--settings_file") + 1]
-    if not path:
-        return dict(DEFAULTS)
-    settings = read_config(Path(path))["settings"]
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    _check(not unknown, f"--settings_file {path!r} has keys this dol1.py does not know: {unknown}")
-    return {**DEFAULTS, **settings, "settings_file": path, "resume": "no", "measure_only": ""}
-
-
 def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` against DEFAULTS and validate; argparse errors exit 2, other bad values raise ConfigError."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    H = parse_arguments(_defaults_for(argv), argv, help_texts=_help_texts(), prog="dol1.py",
+    H = parse_arguments(settings_defaults(argv, DEFAULTS), argv, help_texts=_help_texts(), prog="dol1.py",
                         description=__doc__.split("\n\n")[0], bare={"resume": "yes"})
     validate(H)
     return H

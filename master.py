@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,25 +42,26 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any working directory
     sys.path.insert(0, str(PROJECT_ROOT))
 
-import dol1  # noqa: E402 - after the path fix above
-from src import Sweeps as sw  # noqa: E402
-from src.cli import ConfigError  # noqa: E402
+from src.cli import ConfigError, OneLineParser  # noqa: E402 - after the path fix above (imports no torch)
 
-# the end-of-sweep helpers, under the names tests and users imported from master.py
-figure_curves, summary_table, sweep_figure = sw.figure_curves, sw.summary_table, sw.sweep_figure
-_LIMITS = {"runs_per_gpu": 1, "cpu_slots": 1, "max_attempts": 1, "grace": 0, "poll_interval": 0.01}
+_LIMITS = {"runs_per_gpu": (1, 1024), "cpu_slots": (1, 4096), "max_attempts": (1, 1000), "grace": (0, 86400),
+           "poll_interval": (0.01, 3600)}  # flag: (lowest, highest)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of master.py."""
-    parser = argparse.ArgumentParser(prog="master.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="master.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--grid", help="JSON object: dol1.py key -> list of values")
     parser.add_argument("--fixed", help="JSON object: dol1.py key -> value for every run")
     parser.add_argument("--sweep", help='JSON file {"grid": {...}, "fixed": {...}} (--grid/--fixed override it)')
     parser.add_argument("--tracker", default=str(PROJECT_ROOT / "progress_tracker.json"), help="progress tracker")
     parser.add_argument("--runs_per_gpu", type=int, default=1, help="runs packed on each GPU")
-    parser.add_argument("--cpu_slots", type=int, default=max(1, sw.cpu_cores() // 2),
+    parser.add_argument("--cpu_slots", type=int, default=max(1, _cores() // 2),
                         help="parallel runs without GPUs (default: half the cores)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are visible")
     parser.add_argument("--max_attempts", type=int, default=2, help="failed attempts before a run is given up")
@@ -69,12 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    """Ranges of the numeric flags (exit 2 naming the flag)."""
+    for name, (low, high) in _LIMITS.items():
+        value = getattr(args, name)
+        if not math.isfinite(value) or not low <= value <= high:
+            print(f"master.py: error: --{name} must be a number in [{low}, {high}], got {value}", file=sys.stderr)
+            raise SystemExit(2)
+
+
+if __name__ == "__main__":  # --help, a misspelled flag or a bad range answer before torch is imported
+    check_limits(build_parser().parse_args(sys.argv[1:]))
+
+# everything below imports torch
+import dol1  # noqa: E402
+from src import Sweeps as sw  # noqa: E402
+
+# the end-of-sweep helpers, under the names tests and users imported from master.py
+figure_curves, summary_table, sweep_figure = sw.figure_curves, sw.summary_table, sw.sweep_figure
+
+
 def _resolve(argv: list[str]) -> dict[str, Any]:
     """dol1.py's resolve_config, with argparse's usage screen reduced to its error line."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return dol1.resolve_config(argv)
+            H = dol1.resolve_config(argv)
+            dol1.parse_units(*dol1.units_text(H))  # an unknown plugin or argument is bad input of the sweep too
+            return H
     except SystemExit as err:
         lines = [line for line in captured.getvalue().splitlines() if line.strip()]
         raise ConfigError(lines[-1] if lines else f"dol1.py refused {argv}") from err
@@ -149,10 +173,7 @@ def _fail(message: str, status: int) -> None:
 
 def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[str, Any], str, list[sw.Slot]]:
     """Check the command line and expand the sweep; exits 2 on bad input, before anything starts."""
-    for name, low in _LIMITS.items():
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < low:
-            _fail(f"--{name} must be a finite number >= {low}, got {value}", 2)
+    check_limits(args)
     try:
         grid, fixed = sw.load_spec(args.grid, args.fixed, args.sweep)
         if not grid and not fixed:

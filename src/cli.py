@@ -14,6 +14,13 @@ class ConfigError(ValueError):
     """A user-supplied setting is invalid; the command-line entry points turn it into exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: …``, exit status 2) without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -40,7 +47,7 @@ def _converter(key: str, default: Any) -> Callable[[str], Any]:
             return value
         try:
             parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):  # pathological nesting too
             if default is None:
                 return value  # a None default takes any literal, or else the raw string
             fail(value)
@@ -57,6 +64,25 @@ def _converter(key: str, default: Any) -> Callable[[str], Any]:
         fail(value)
 
     return convert
+
+
+def check_value(key: str, default: Any, value: Any) -> Any:
+    """A value from a file (not a command line) for the key whose default is ``default``, under the command line's
+    type rules; returns it converted (an int for a float key becomes a float).
+
+    Raises:
+        ConfigError: a value of another type, naming the key, the value and the expected type.
+    """
+    if isinstance(default, str) or default is None:
+        if default is None or isinstance(value, str):
+            return value
+    else:
+        try:
+            return _converter(key, default)(value if isinstance(value, str) and isinstance(default, bool)
+                                            else repr(value))
+        except argparse.ArgumentTypeError:
+            pass
+    raise ConfigError(f"{key}: expected {_type_name(default)}, got {value!r} (default: {default!r})")
 
 
 def key_comments(source: str) -> dict[str, str]:
@@ -87,8 +113,8 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
         A new dict: the defaults with the given flags applied.
     """
     help_texts, bare = help_texts or {}, bare or {}
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, default in defaults.items():
         optional = {"nargs": "?", "const": bare[key]} if key in bare else {}
         parser.add_argument(f"--{key}", dest=key, default=default, type=_converter(key, default),

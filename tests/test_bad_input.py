@@ -63,7 +63,27 @@ DOL1_CASES = {
     "output root is a file": (lambda t: ["--output_root", str(t / "plain_file" / "out")], ["is a file"]),
     "units file is a folder": (lambda t: ["--units_file", str(t)], ["is not a file"]),
     "unknown flag": (["--bogus", "1"], ["--bogus"]),
+    "bool for an int": (["--rounds", "True"], ["--rounds", "int"]),
+    "nested literal": (["--rounds=" + "-" * 5000 + "1"], ["--rounds"]),
+    "bool target": (["--target_value", "True"], ["--target_value", "True"]),
+    "cuda core below -1": (["--cuda_core", "-5"], ["--cuda_core", "-5"]),
+    "monitor typo while off": (["--early_stop_monitor", "bogus"], ["--early_stop_monitor", "bogus", "test_loss"]),
+    "delay beyond an hour": (["--communication_delay", "1e300"], ["--communication_delay", "3600"]),
+    "en dash in units": (lambda t: ["--units_file", write_units(t, "\u2013 Working_memory_usage\n")],
+                         ["Units.txt:1", "plugin lines start with '-'"]),
+    "duplicate plugin argument": (lambda t: ["--units_file", write_units(
+        t, "- HessianBlockInteractionMeasurement tol=1e-3 tol=0.5\n")], ["'tol'", "given twice"]),
+    "settings file of wrong types": (lambda t: ["--settings_file", write_settings(t, {"rounds": 2.5})],
+                                     ["--settings_file", "rounds", "2.5", "int"]),
+    "settings file not UTF-8": (lambda t: ["--settings_file", write_units(t, b"\xff\xfe{}")], ["cannot read"]),
+    "settings file is a folder": (lambda t: ["--settings_file", str(t)], ["is not a file"]),
 }
+
+
+def write_settings(tmp_path: Path, settings: dict) -> str:
+    path = tmp_path / "R00000000.config.json"
+    path.write_text(json.dumps({"settings": {**{k: v for k, v in dol1.DEFAULTS.items()}, **settings}}))
+    return str(path)
 
 
 @pytest.mark.parametrize("case", sorted(DOL1_CASES))
@@ -79,8 +99,8 @@ def test_dol1_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, cas
         dol1.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("dol1.py: error")]
-    assert len(lines) == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dol1.py: error"), err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not (out / "reports").exists()
@@ -88,18 +108,51 @@ def test_dol1_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, cas
 
 MASTER_CASES = {
     "poll interval nan": (["--poll_interval", "nan"], "--poll_interval"),
+    "poll interval huge": (["--poll_interval", "1e300"], "--poll_interval"),
     "grace nan": (["--grace", "nan"], "--grace"),
     "grace infinite": (["--grace", "inf"], "--grace"),
+    "tracker under a file": (["--tracker", "/dev/null/t.json"], "does not exist or is a file"),
+    "tracker is a folder": (["--tracker", "{tmp}"], "is not a file"),
+    "damaged tracker entry": (["--tracker", "{tmp}/bad.json"], "is damaged"),
+    "sweep file grid not an object": (["--sweep", "{tmp}/sweep.json"], "'grid' must be a JSON object"),
+    "NUL in a grid value": (["--grid", '{"tag": ["ok", "a\\u0000b"]}'], "NUL character"),
+    "unknown plugin in a run": (["--fixed", '{"units_file": "{tmp}/Units.txt"}'], "unknown plugin 'NoSuchUnit'"),
+    "unknown flag": (["--gird", "x"], "--gird"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MASTER_CASES))
 def test_master_bad_input_exits_2(tmp_path, capsys, case):
     extra, fragment = MASTER_CASES[case]
+    (tmp_path / "bad.json").write_text(json.dumps({"runs": {"R8ebd9a77": 5}, "sweeps": {}}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"grid": [1, 2]}))
+    (tmp_path / "Units.txt").write_text("- NoSuchUnit\n")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    base = ["--tracker", str(tmp_path / "t.json")] + ([] if "--sweep" in extra else ["--grid", '{"step_size": [0.1]}'])
     with pytest.raises(SystemExit) as info:
-        master.main(["--grid", '{"step_size": [0.1]}', "--tracker", str(tmp_path / "t.json"), *extra])
-    assert info.value.code == 2 and fragment in capsys.readouterr().err
+        master.main(base + extra + (["--grid", '{"step_size": [0.1]}'] if "--sweep" in extra else []))
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], lines
     assert not (tmp_path / "t.json").exists()
+
+
+def test_master_help_and_flag_errors_answer_without_torch(tmp_path):
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch must not be imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    for argv, code in ((["--help"], 0), (["--gird", "x"], 2), (["--cpu_slots", "0"], 2)):
+        done = subprocess.run([sys.executable, str(PROJECT / "master.py"), *argv], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert done.returncode == code and "torch must not" not in done.stderr, (argv, done.stderr)
+
+
+def test_units_file_with_a_byte_order_mark_is_read(tmp_path):
+    units = write_units(tmp_path, "\ufeff- Working_memory_usage\n".encode("utf-8"))
+    frame = dol1.main(TINY + ["--output_root", str(tmp_path / "out"), "--units_file", units,
+                              "--measurement_sampling_rate", "6"])
+    assert [type(u).__name__ for u in frame.measure_units] == ["Working_memory_usage"]
 
 
 def test_read_only_output_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
@@ -235,7 +288,7 @@ def test_round_batches_are_fetched_when_used_and_memory_is_capped(monkeypatch):
         return original(self, t)
     monkeypatch.setattr(TensorBatchStream, "__getitem__", counting)
     monkeypatch.setattr(loop, "ROUND_CACHE_BYTES", 3 * (8 * 4 * 4 + 8 * 8))  # room for three batches
-    batches = loop.RoundBatches(stream, round_index=2, K=10**9)  # a huge K costs nothing up front
+    batches = loop.RoundBatches(stream, start=2 * 10**9, K=10**9)  # a huge K costs nothing up front
     assert len(batches) == 10**9 and fetched == [] and batches.samples == 8 * 10**9
     for t in range(5):
         assert torch.equal(batches[t][0], original(stream, 2 * 10**9 + t)[0])

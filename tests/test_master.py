@@ -329,3 +329,16 @@ def test_diverged_run_is_a_result_not_retried(tmp_path):
     assert (entry["status"], entry["attempts"], entry["failures"]) == ("diverged", 1, 0)
     assert read_report(entry["report"])["status"] == "diverged"
     assert os.stat(tmp_path / "tracker.json").st_mode & 0o044  # readable by others, like any file of the user
+
+
+def test_a_run_finished_under_another_tracker_is_not_run_again(tmp_path):
+    out = tmp_path / "out"
+    assert master.main(args(tmp_path, {"seed": [0, 1]}, tiny(out))) == 0
+    other = ["--grid", json.dumps({"seed": [1, 0, 2]}), "--fixed", json.dumps(tiny(out)), "--tracker",
+             str(tmp_path / "other.json"), "--cpu", "--cpu_slots", "2", "--poll_interval", "0.1"]
+    assert master.main(other) == 0
+    entries = json.loads((tmp_path / "other.json").read_text())["runs"]
+    assert sorted(e["attempts"] for e in entries.values()) == [0, 0, 1]  # only seed 2 was new
+    for rid, entry in entries.items():
+        assert Path(entry["log"]).read_text().count("master.py: attempt") == 1, rid
+        assert not (out / "reports" / f"{rid}.1.txt").exists()  # nothing archived: nothing ran twice

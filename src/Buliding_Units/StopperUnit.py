@@ -196,6 +196,9 @@ def stoppers_from_settings(H: Mapping[str, Any]) -> list[StopperUnit]:
         ConfigError: a monitor, patience or delta the stoppers reject.
     """
     units: list[StopperUnit] = [NonFiniteStopper()]
+    for key in ("early_stop_monitor", "target_monitor"):  # checked even when the stopper is off: a typo shows
+        if H[key] not in MONITORS:
+            raise ConfigError(f"--{key} {H[key]!r} is not valid; valid: {sorted(MONITORS)}")
     try:
         if H["early_stop_patience"] > 0:
             units.append(EarlyStoppingStopper(H["early_stop_monitor"], H["early_stop_patience"],

@@ -42,7 +42,7 @@ def available_plugins() -> dict[str, type]:
 def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):  # pathological nesting too
         return text
 
 
@@ -80,6 +80,8 @@ def _arguments(cls: type, name: str, args: list[str], where: str) -> dict[str, A
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"{where}: argument {arg!r} of {name} is not of the form key=value")
+        if key in kwargs:
+            raise ConfigError(f"{where}: argument {key!r} of {name} is given twice")
         kwargs[key] = _literal(value)
     signature = inspect.signature(cls).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())  # passes extras on
@@ -123,7 +125,7 @@ def read_units_text(path: str | Path | None = None) -> str:
     if not path.is_file():
         raise ConfigError(f"units file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not text
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"units file {str(path)!r} cannot be read as UTF-8 text: {err}") from err
 
@@ -138,6 +140,8 @@ def parse_units(text: str, source: str) -> list[Any]:
     units = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
+        if line[:1] in ("\u2013", "\u2014", "\u2212"):  # an en dash, em dash or minus sign, as word processors write
+            raise ConfigError(f"{source}:{number}: the line starts with {line[0]!r}; plugin lines start with '-'")
         if not line.startswith("-"):
             continue
         where = f"{source}:{number}"

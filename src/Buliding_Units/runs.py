@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from src.Buliding_Units.checkpoint import CheckpointError, Checkpointer
 from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame
 from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text
-from src.cli import ConfigError
+from src.cli import ConfigError, check_value
 from src.records import differing_keys, identity
 from src.reporting import Paths, read_metrics, read_status, write_json_atomic, write_status
 
@@ -87,9 +87,12 @@ def read_config(path: Path) -> dict[str, Any]:
     Raises:
         ConfigError: missing or not a config file.
     """
+    if not Path(path).is_file():
+        raise ConfigError(f"the run config {str(path)!r} " + ("is not a file" if Path(path).exists()
+                                                                else "does not exist"))
     try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the run config {str(path)!r}: {err}") from err
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise ConfigError(f"{str(path)!r} is not a run config (no 'settings')")
@@ -275,3 +278,26 @@ def resume_notes(frame: Frame, resume: dict[str, Any] | None, previous: dict[str
                      f"the rest of the trajectory is not bit-identical to an uninterrupted run")
     return notes
 
+
+
+def settings_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults``, or the settings of ``--settings_file`` when argv names one (flags given still override them),
+    type-checked like the command line.
+
+    Raises:
+        ConfigError: the file is not a run config, has keys ``defaults`` lacks, or values of the wrong type.
+    """
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--settings_file=")), None)
+    if path is None and "--settings_file" in argv[:-1]:
+        path = argv[list(argv).index("--settings_file") + 1]
+    if not path:
+        return dict(defaults)
+    settings = read_config(Path(path))["settings"]
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--settings_file {path!r} has keys this dol1.py does not know: {unknown}")
+    try:
+        settings = {k: check_value(k, defaults[k], v) for k, v in settings.items()}
+    except ConfigError as err:
+        raise ConfigError(f"--settings_file {path!r}: {err}") from err
+    return {**defaults, **settings, "settings_file": path, "resume": "no", "measure_only": ""}

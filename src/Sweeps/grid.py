@@ -64,18 +64,27 @@ def load_spec(grid: str | None = None, fixed: str | None = None,
 
     spec: dict[str, Any] = {}
     if sweep_file:
+        if not Path(sweep_file).is_file():
+            raise SweepError(f"sweep file {str(sweep_file)!r} is not a file")
         try:
-            spec = parse(Path(sweep_file).read_text(), f"sweep file {str(sweep_file)!r}")
-        except OSError as err:
+            spec = parse(Path(sweep_file).read_text(encoding="utf-8"), f"sweep file {str(sweep_file)!r}")
+        except (OSError, UnicodeDecodeError) as err:
             raise SweepError(f"cannot read sweep file {str(sweep_file)!r}: {err}") from err
         unknown = sorted(set(spec) - {"grid", "fixed"})
         if unknown:
             raise SweepError(f"sweep file {str(sweep_file)!r}: unknown parts {unknown}; valid: ['fixed', 'grid']")
+        for part in ("grid", "fixed"):
+            if spec.get(part) is not None and not isinstance(spec[part], dict):
+                raise SweepError(f"sweep file {str(sweep_file)!r}: {part!r} must be a JSON object, got "
+                                 f"{spec[part]!r}")
     grid_spec = dict(spec.get("grid") or {}) | (parse(grid, "--grid") if grid else {})
     fixed_spec = dict(spec.get("fixed") or {}) | (parse(fixed, "--fixed") if fixed else {})
     for key, values in grid_spec.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"grid values must be non-empty lists: {key!r} has {values!r}")
+    for key, value in [(k, v) for k, vs in grid_spec.items() for v in vs] + list(fixed_spec.items()):
+        if "\\u0000" in json.dumps(value):  # a command line cannot carry a NUL character
+            raise SweepError(f"{key!r}: the value {value!r} contains a NUL character")
     both = sorted(set(grid_spec) & set(fixed_spec))
     if both:
         raise SweepError(f"keys both in the grid and in the fixed settings: {both}")

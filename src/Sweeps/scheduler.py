@@ -21,9 +21,9 @@ from src.records import lock_holder
 from src.reporting import read_metrics, read_report, write_json_atomic
 from src.Sweeps.grid import Run
 from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot
-from src.Sweeps.tracker import now, read_tracker
+from src.Sweeps.tracker import STATES, now, read_tracker
 
-STATUSES = ("pending", "running", "done", "diverged", "failed", "interrupted")  # a run's status in the tracker
+STATUSES = STATES  # a run's status in the tracker
 ENDED = ("done", "diverged")  # final: never run again (a diverged run is a result, not a failure to retry)
 BAD_INPUT = 2  # dol1.py's exit status for bad input: such a run is never retried
 RUN_LOCKED = 3  # dol1.py's exit status when another process runs the same run id: wait for that one
@@ -117,6 +117,20 @@ class Scheduler:
         except (OSError, ValueError, KeyError):
             return None
 
+    def _ended_elsewhere(self, run: Run, entry: dict[str, Any]) -> bool:
+        """True (and the entry closed) when the run's own report says it ended: run by another master, another
+        tracker or by hand. Such a run is never run again."""
+        outcome = {"finished": "done", "stopped": "done", "diverged": "diverged"}.get(self._report_status(run))
+        if outcome is None:
+            return False
+        entry.update(status=outcome, ended=entry.get("ended") or now(), detail="ended outside this tracker "
+                     "(its report says so)" if entry["attempts"] == 0 else entry.get("detail"))
+        if (rounds := _fresh_round(run, 0.0)) is not None:
+            entry["rounds_done"] = rounds
+        self.save()
+        self.on_event("skip", run, entry)
+        return True
+
     def _live(self, run: Run) -> Handle | None:
         """The process running this run now, started by anyone: the holder of the run's lock (a run claims it
         before its first write), else a process with exactly this command line (one still starting up)."""
@@ -145,6 +159,10 @@ class Scheduler:
         if (rounds := _fresh_round(run, active.since)) is not None:
             entry["rounds_done"] = rounds
         entry.update(status=outcome, exit_code=code, ended=now())
+        if code == BAD_INPUT:  # dol1.py said why in one line, before writing any report
+            lines = [line for line in run.log.read_text(errors="replace").splitlines() if line.strip()] \
+                if run.log.exists() else []
+            entry["detail"] = lines[-1] if lines else None
         if outcome == "failed":
             entry["failures"] += 1
         self.active.remove(active)
@@ -185,6 +203,8 @@ class Scheduler:
         if found is not None:  # someone else runs it already: wait for that one instead
             self._adopt(run, found, entry, time.time())
             return
+        if self._ended_elsewhere(run, entry):  # someone else ran it meanwhile
+            return
         entry.update(status="running", attempts=entry["attempts"] + 1, pid=None, device=slot.device,
                      rounds_done=0, exit_code=None, detail=None, started=now(), ended=None)
         self.save()  # before the start: a master killed in between finds the run by its command line
@@ -219,10 +239,11 @@ class Scheduler:
             if entry["status"] in ENDED:
                 self.on_event("skip", run, entry)
                 continue
+            if (live := self._live(run)) is None and self._ended_elsewhere(run, entry):
+                continue
             since = datetime.fromisoformat(entry["started"]).timestamp() if entry.get("started") else 0.0
-            found = self._live(run)
-            if found is not None:
-                self._adopt(run, found, entry, since)
+            if live is not None:
+                self._adopt(run, live, entry, since)
             elif entry["status"] == "running":  # its master died and so did the run since: what became of it?
                 entry.update(status=self._from_report(run, entry, since), exit_code=None, ended=now())
                 if (rounds := _fresh_round(run, since)) is not None:

@@ -16,6 +16,10 @@ from typing import Any
 from src.Sweeps.grid import SweepError
 
 
+STATES = ("pending", "running", "done", "diverged", "failed", "interrupted")  # a run's status in the tracker
+REQUIRED_ENTRY = {"status", "attempts", "failures", "pid", "exit_code", "started", "rounds_done"}
+
+
 class TrackerLocked(RuntimeError):
     """Another master holds the tracker's lock file."""
 
@@ -33,14 +37,22 @@ def read_tracker(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.exists():
+        if not path.parent.is_dir():
+            raise SweepError(f"tracker {str(path)!r}: its folder {str(path.parent)!r} does not exist or is a file")
         return {"format": 1, "sweeps": {}, "runs": {}}
+    if not path.is_file():
+        raise SweepError(f"tracker {str(path)!r} is not a file")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SweepError(f"tracker {str(path)!r} is unreadable ({err}); move it away to start afresh") from err
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise SweepError(f"tracker {str(path)!r} has no 'runs' table; move it away to start afresh")
-    data.setdefault("sweeps", {})
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict) or \
+            not isinstance(data.setdefault("sweeps", {}), dict):
+        raise SweepError(f"tracker {str(path)!r} has no 'runs' and 'sweeps' tables; move it away to start afresh")
+    for run, entry in data["runs"].items():
+        if not isinstance(entry, dict) or not REQUIRED_ENTRY.issubset(entry) or entry.get("status") not in STATES:
+            raise SweepError(f"tracker {str(path)!r}: the entry of run {run} is damaged ({str(entry)[:80]}); move "
+                             f"the tracker away to start afresh")
     return data
 
 
