@@ -176,6 +176,8 @@ def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     H = parse_arguments(settings_defaults(argv, DEFAULTS), argv, help_texts=_help_texts(), prog="dol1.py",
                         description=__doc__.split("\n\n")[0], bare={"resume": "yes"})
+    if isinstance(H["target_value"], int) and not isinstance(H["target_value"], bool):
+        H["target_value"] = float(H["target_value"])  # 1 and 1.0 are one experiment (and one run id)
     validate(H)
     return H
 
@@ -236,6 +238,11 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
     frame = frame if frame is not None else make_frame(H, spec)
     files = RunFiles(frame.paths, frame.run_id)
     text = units_text(H)[0]
+    if resume is not None:
+        try:
+            restore(frame, resume)
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:  # a file that verifies but does not fit
+            raise ConfigError(f"--resume: the checkpoint {resume['_path']} does not fit this run: {err}") from err
     n_params = sum(p.numel() for p in frame.center_model.parameters())
     frame.reporter = Reporter(H, files.paths.reports, run=files.run, resume=resume is not None, run_info={
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
@@ -248,7 +255,6 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
     if H["checkpoint_every"] > 0:
         frame.checkpointer = files.checkpointer()
     if resume is not None:
-        restore(frame, resume)
         frame.reporter.rewrite_metrics(frame.history)
     print(f"dol1.py: run {frame.run_id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, "
           f"{n_params} parameters, on {frame.device}); report: {frame.reporter.path}", flush=True)
@@ -299,10 +305,13 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
         _draw_curve(frame)
         frame.log(f"Model: {save_model(frame, RunFiles(frame.paths, frame.run_id))}")
     except KeyboardInterrupt:
+        for sig in previous:  # a second signal must not cut the closing of the report short
+            signal.signal(sig, signal.SIG_IGN)
         if hasattr(progress, "close"):
             progress.close()
         name = signal.Signals(frame.interrupt).name if frame.interrupt else "SIGINT"
-        saved = f"; resumable from the checkpoint at round {frame.round}" if frame.checkpointer else ""
+        saved = f"; resumable from the checkpoint at round {frame.round}" \
+            if frame.checkpointer is not None and frame.checkpointed_round == frame.round else ""
         frame.reporter.finish("interrupted", f"{name}{saved}")
         print(f"dol1.py: interrupted ({name}); report: {frame.reporter.path}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -334,6 +343,8 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
     frame = make_frame(H, spec)  # catches every remaining bad input before anything is written
     claim = RunClaim(files.paths.reports, files.run)
     try:
+        if resume is not None:  # what was found before the claim may have finished meanwhile: look again
+            resume = find_resume(files, H["resume"], H, text)
         previous = read_config(files.config) if resume is not None and files.config.exists() else None
         recovered = recover_dead_holder(files)
         record = reproducibility_record(argv, PROJECT_ROOT, H["deterministic"])

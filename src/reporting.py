@@ -92,7 +92,7 @@ def archive_existing(path: Path) -> None:
     path.rename(target)
 
 
-RUN_FILE_SUFFIXES = (".txt", ".status.json", ".metrics.jsonl")  # the files of a run: R<hash><suffix>
+RUN_FILE_SUFFIXES = (".txt", ".status.json", ".metrics.jsonl", ".config.json", ".model.pt")  # R<hash><suffix>
 
 
 def _archived(reports_dir: Path, run: str, suffix: str, n: int) -> Path:
@@ -118,9 +118,9 @@ def archive_run(reports_dir: Path, run: str) -> None:
         curve = figures / f"training_curve_{run}{suffix}"
         if curve.exists():
             curve.rename(curve.with_name(f"training_curve_{run}.{n}{suffix}"))
-    folder = figures / "Measurements" / "Hessian_Measurement" / run
-    if folder.is_dir():
-        folder.rename(folder.with_name(f"{run}.{n}"))
+    for folder in (figures / "Measurements" / "Hessian_Measurement" / run, reports_dir.parent / "checkpoints" / run):
+        if folder.is_dir():  # the figures, and the checkpoints: a fresh attempt never resumes an archived one
+            folder.rename(folder.with_name(f"{run}.{n}"))
 
 
 def status_path(report: Path) -> Path:

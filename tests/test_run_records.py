@@ -254,3 +254,64 @@ def test_measure_only_measures_the_saved_model(tmp_path):
                str(tmp_path / "Units.txt")])
     after = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(after) == len(before) + 1 and after[-1]["measure_only"] is True and after[-1]["round"] == 12
+
+
+def interrupted_then_resumed(tmp_path: Path, extra: list[str], at: int) -> tuple:
+    """Run to the end in one root; in another, stop (as SIGTERM would) at round ``at`` and resume."""
+    from tests_helpers_interrupt import install
+    argv = TINY + units(tmp_path, "- Working_memory_usage") + ["--measurement_sampling_rate", "2"] + extra
+    whole = dol1.main(argv + ["--output_root", str(tmp_path / "whole")])
+    with install(at):
+        with pytest.raises(SystemExit) as info:
+            dol1.main(argv + ["--output_root", str(tmp_path / "cut")])
+    assert info.value.code == 130
+    return whole, dol1.main(argv + ["--output_root", str(tmp_path / "cut"), "--resume"])
+
+
+def test_resume_keeps_the_measurements_logged_before_the_checkpoint(tmp_path):
+    whole, resumed = interrupted_then_resumed(tmp_path, [], at=7)
+    logs = [tmp_path / root / "measurements" / f"Working_memory_usage_{whole.run_id}.jsonl" for root in ("whole", "cut")]
+    rounds = [[json.loads(line)["round"] for line in log.read_text().splitlines()] for log in logs]
+    assert rounds[0] == rounds[1] == [2, 4, 6, 8, 10, 12]
+
+
+def test_an_interrupt_in_the_last_round_is_checkpointed_and_resumable(tmp_path):
+    whole, resumed = interrupted_then_resumed(tmp_path, [], at=12)
+    assert read_report(resumed.reporter.path)["status"] == "finished" and resumed.round == 12
+    for key, value in whole.center_model.state_dict().items():
+        assert torch.equal(value, resumed.center_model.state_dict()[key]), key
+
+
+def test_a_fresh_rerun_archives_checkpoints_and_model_and_refuses_foreign_checkpoints(tmp_path, capsys):
+    argv = TINY + units(tmp_path) + ["--output_root", str(tmp_path)]
+    first = dol1.main(argv)
+    folder = tmp_path / "checkpoints" / first.run_id
+    assert [p.name for p in sorted(folder.glob("*.pt"))] == ["round_00000004.pt", "round_00000008.pt"]
+    dol1.main(argv)  # a fresh attempt of the same id: the earlier one's files are moved aside, not reused
+    assert (tmp_path / "checkpoints" / f"{first.run_id}.1").is_dir()
+    assert (tmp_path / "reports" / f"{first.run_id}.model.1.pt").exists()
+    other = dol1.main(TINY + units(tmp_path) + ["--output_root", str(tmp_path / "other"), "--seed", "5"])
+    foreign = tmp_path / "other" / "checkpoints" / other.run_id / "round_00000008.pt"
+    for stale in folder.glob("*.pt"):
+        stale.unlink()
+    (folder / "round_00000008.pt").write_bytes(foreign.read_bytes())
+    (tmp_path / "reports" / f"{first.run_id}.status.json").write_text(json.dumps(
+        {"run_id": first.run_id, "status": "interrupted", "pid": 1}))
+    with pytest.raises(SystemExit) as info:
+        dol1.main(argv + ["--resume"])
+    assert info.value.code == 2 and f"a checkpoint of run {other.run_id}, not of {first.run_id}" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_of_a_multiprocess_run_is_an_interruption(tmp_path):
+    argv = SLOW + ENGINES["multiprocess"] + units(tmp_path) + ["--rounds", "100000", "--checkpoint_every", "1000",
+                                                               "--output_root", str(tmp_path)]
+    proc = start(argv, tmp_path / "run.log")
+    wait_until(lambda: last_round(tmp_path) >= 10, 120, "round 10")
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm and torchrun stop a job: every process of the group
+    assert proc.wait(60) == 130
+    head = read_report(next((tmp_path / "reports").glob("R*.txt")))
+    assert head["status"] == "interrupted" and "SIGTERM" in head["status_detail"] and "resumable" in \
+        head["status_detail"]
+    assert list((tmp_path / "checkpoints").glob("R*/round_*.pt"))

@@ -101,6 +101,7 @@ class Frame:
     start_time: float = field(default_factory=time.perf_counter)
     bytes_sent: int = 0
     checkpointer: Any = None
+    checkpointed_round: int | None = None  # the round of the last checkpoint this process wrote
     run: str | None = None
     interrupt: int | None = None
     elapsed: float = 0.0

@@ -106,6 +106,7 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
     for b, replica in getattr(frame, "distributed_models", {}).items():
         apply_copy_state(replica, frame.center_model, state["copies"].get(b, {}))
         frame.block_optimizers[b].load_state_dict(state["block_optimizers"][b])
+    frame.round = state["round"]  # before the measurement units: they keep their records up to this round
     for unit, unit_state in zip(frame.stopper_units, state["stoppers"]):
         unit.load_state_dict(unit_state)
     for unit, unit_state in zip(frame.measure_units, state["measurements"]):
@@ -145,8 +146,10 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        for old in self.files()[self.keep:]:
-            old.unlink(missing_ok=True)
+        for old in sorted(self.files(), key=lambda p: p.stat().st_mtime, reverse=True)[self.keep:]:
+            old.unlink(missing_ok=True)  # the oldest written go, whatever their names
+        for stale in self.folder.glob("round_*.pt.tmp*"):  # a write cut short by a kill (the run lock is ours)
+            stale.unlink(missing_ok=True)
         return path
 
     @staticmethod
@@ -167,8 +170,9 @@ class Checkpointer:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt, {len(blob)} bytes)")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
-    def latest(self) -> tuple[dict[str, Any], Path, list[str]]:
-        """The newest checkpoint that verifies, its path, and a message for each newer one that did not.
+    def latest(self, run: str | None = None) -> tuple[dict[str, Any], Path, list[str]]:
+        """The newest checkpoint that verifies (and belongs to run ``run``, at the round its name says), its path,
+        and a message for each newer one that did not.
 
         Raises:
             CheckpointError: there is none that verifies.
@@ -176,7 +180,12 @@ class Checkpointer:
         problems = []
         for path in self.files():
             try:
-                return self.read(path), path, problems
+                state = self.read(path)
+                if run is not None and state.get("run_id") != run:
+                    raise CheckpointError(f"{path}: a checkpoint of run {state.get('run_id')}, not of {run}")
+                if state.get("round") != int(path.stem.split("_")[-1]):
+                    raise CheckpointError(f"{path}: holds round {state.get('round')}, not the round of its name")
+                return state, path, problems
             except CheckpointError as err:
                 problems.append(str(err))
         raise CheckpointError(f"no usable checkpoint in {self.folder}" + (": " + "; ".join(problems)

@@ -153,7 +153,7 @@ def find_resume(files: RunFiles, mode: str, H: Mapping[str, Any], units_text: st
             raise ConfigError(f"--resume {mode}: refused, these experiment settings differ from that run's: {keys} "
                               f"(run it again with the same settings, or start a new run without --resume)")
     try:
-        payload, path, problems = files.checkpointer().latest()
+        payload, path, problems = files.checkpointer().latest(files.run)
     except CheckpointError as err:
         if mode == "auto":
             return None
@@ -216,7 +216,7 @@ def load_run(run_or_path: str | Path, output_root: str | Path | None = None, *,
         frame.center_model.load_state_dict(torch.load(files.model, map_location=device, weights_only=True))
         model = frame.center_model
     try:
-        checkpoint = files.checkpointer().latest()[0]
+        checkpoint = files.checkpointer().latest(files.run)[0]
     except CheckpointError:
         checkpoint = None
     return RunRecord(files.run, settings, config, read_status(files.paths.reports, files.run),
@@ -229,6 +229,9 @@ def units_text(H: dict[str, Any]) -> tuple[str, str]:
     if H["settings_file"]:
         config = read_config(Path(H["settings_file"]))
         if "units_text" in config and H["units_file"] == config["settings"].get("units_file"):
+            if not isinstance(config["units_text"], str):
+                raise ConfigError(f"--settings_file {H['settings_file']!r}: units_text must be text, got "
+                                  f"{config['units_text']!r}")
             return config["units_text"], f"{H['settings_file']} (recorded units)"
     path = H["units_file"] or DEFAULT_UNITS_FILE
     return read_units_text(path), str(path)
@@ -258,6 +261,7 @@ def measure_saved_model(run_or_path: str | Path, output_root: str | Path | None,
             unit.prepare(frame)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        frame.paths.measurements.mkdir(parents=True, exist_ok=True)
         log = frame.paths.measurements / f"{type(unit).__name__}_{record.run_id}.jsonl"
         unit.log_path, unit.count = log, len(log.read_text().splitlines()) if log.exists() else 0
         unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -238,6 +239,8 @@ def torchrun_worker(H: dict[str, Any]) -> None:
     env = torchrun_env()
     if env is None or env.rank == 0:
         raise RuntimeError("torchrun_worker is for torchrun ranks > 0 (RANK and WORLD_SIZE must be set)")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 handles a stop: it checkpoints with every rank's state
+        signal.signal(sig, signal.SIG_IGN)
     base = select_device(H["cuda_core"])  # local rank 0's device; local rank i uses the i-th GPU after it
     n_gpus = gpu_count(base)
     device = torch.device(f"cuda:{((base.index or 0) + env.local_rank) % n_gpus}" if n_gpus else "cpu")

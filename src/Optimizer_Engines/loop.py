@@ -180,6 +180,7 @@ def save_checkpoint(frame: Frame) -> None:
     """Write a checkpoint of the round just completed, counted in the ``checkpoint`` timer."""
     t0 = time.perf_counter()
     path = frame.checkpointer.save(frame)
+    frame.checkpointed_round = frame.round
     frame.timers["checkpoint"] = frame.timers.get("checkpoint", 0.0) + time.perf_counter() - t0
     frame.log(f"Checkpoint at round {frame.round}: {path}")
 
@@ -230,9 +231,9 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
             run_measurements(frame)
         if progress is not None:
             progress(frame.round, H["rounds"])
-        if frame.checkpointer is not None and not stopped and frame.round < H["rounds"] and (
-                frame.interrupt is not None or due(frame.round, H.get("checkpoint_every", 0))):
-            save_checkpoint(frame)
+        if frame.checkpointer is not None and not stopped and (frame.interrupt is not None or (
+                due(frame.round, H.get("checkpoint_every", 0)) and frame.round < H["rounds"])):
+            save_checkpoint(frame)  # an interrupted run checkpoints even its last round: nothing trained is lost
         if frame.interrupt is not None:
             raise KeyboardInterrupt(f"signal {frame.interrupt}")
     if record is None or record["round"] != frame.round:

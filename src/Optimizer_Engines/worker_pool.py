@@ -12,7 +12,8 @@ interrupted while it is blocked inside a gloo collective:
   ``MONITOR_GRACE_S`` (it is stuck in a collective that never returns, or busy in a long measurement), the
   monitor records the failure through the ``on_failure`` callback, kills every worker and ends the process with
   ``os._exit(1)``;
-* workers ignore SIGINT (the parent handles Ctrl-C and terminates them), and die with the parent: Linux's
+* workers ignore SIGINT and SIGTERM (rank 0 handles Ctrl-C and a group-wide SIGTERM, checkpoints, then kills
+  them), and die with the parent: Linux's
   ``PR_SET_PDEATHSIG`` plus a thread that polls ``os.getppid()`` (which also covers other systems).
 """
 from __future__ import annotations
@@ -125,7 +126,10 @@ def worker_entry(rank: int, target: Callable[..., None], args: tuple, error_dir:
         error_dir: where ``rank<k>.txt`` receives the traceback of a failure.
         parent_pid: rank 0's pid; the worker ends itself when that process is gone.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group; rank 0 handles it
+    # Ctrl-C and a SIGTERM to the whole process group (Slurm, torchrun, master.py): rank 0 handles them — it finishes
+    # the round, gathers every rank's state for a checkpoint and reports interrupted — then kills the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     try:
         target(*args)
@@ -239,17 +243,12 @@ class WorkerPool:
             proc.join(max(0.0, deadline - time.monotonic()))
 
     def terminate(self) -> None:
-        """SIGTERM every live worker, SIGKILL those still alive after ``KILL_JOIN_S``, and reap them all."""
+        """SIGKILL every live worker (they ignore SIGTERM, and rank 0 holds everything worth keeping) and reap them."""
         live = [p for p in self.processes.values() if p.exitcode is None]
         for proc in live:
-            proc.terminate()
-        deadline = time.monotonic() + KILL_JOIN_S
+            proc.kill()
         for proc in live:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in live:
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(KILL_JOIN_S)
+            proc.join(KILL_JOIN_S)
 
     def shutdown(self) -> None:
         """Stop the monitor, then terminate and reap whatever is still running."""
