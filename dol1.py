@@ -94,14 +94,13 @@ from src.Buliding_Units.checkpoint import restore  # noqa: E402
 from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
 from src.Buliding_Units.plugins import parse_units  # noqa: E402
 from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
-                                     measure_saved_model, read_config, recover_dead_holder, resume_notes, save_model,
-                                     settings_defaults, units_text, write_config)
+                                     draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
+                                     resume_notes, save_model, settings_defaults, units_text, write_config)
 from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
 from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
-from src.plots import training_curve  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import Paths, Reporter, format_progress  # noqa: E402
 
@@ -280,19 +279,6 @@ def _signal_handlers(frame: Frame) -> dict[int, Any]:
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _draw_curve(frame: Frame) -> None:
-    """The training curve; a figure that cannot be written is a warning in the report, not a failed run."""
-    figure = frame.paths.figures / f"training_curve_{frame.run_id}"
-    try:
-        drawn = training_curve(frame.history, figure,
-                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}")
-    except OSError as err:
-        frame.log(f"Warning: the training curve could not be written to {figure}.pdf: {err}")
-        return
-    frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
-              "(engines log through training_loop or log_progress)")
-
-
 def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] | None = None) -> Frame:
     """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
     or interrupted)."""
@@ -302,7 +288,7 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
         spec.run(frame, progress)
         if hasattr(progress, "close"):
             progress.close()
-        _draw_curve(frame)
+        draw_training_curve(frame)
         frame.log(f"Model: {save_model(frame, RunFiles(frame.paths, frame.run_id))}")
     except KeyboardInterrupt:
         for sig in previous:  # a second signal must not cut the closing of the report short

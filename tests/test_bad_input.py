@@ -201,7 +201,8 @@ def test_status_is_written_before_the_traceback_on_a_full_disk(tmp_path, monkeyp
 
 
 def test_unwritable_figure_is_a_warning_not_a_failure(tmp_path, monkeypatch):
-    monkeypatch.setattr(dol1, "training_curve",
+    import src.Buliding_Units.runs as runs
+    monkeypatch.setattr(runs, "training_curve",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     frame = dol1.main(TINY + ["--output_root", str(tmp_path)])
     head = read_report(frame.reporter.path)

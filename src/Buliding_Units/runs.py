@@ -22,6 +22,7 @@ from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame
 from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text
 from src.cli import ConfigError, check_value
 from src.records import differing_keys, identity
+from src.plots import training_curve
 from src.reporting import Paths, read_metrics, read_status, write_json_atomic, write_status
 
 RESUME_MODES = ("no", "yes", "auto")  # or a run id R<hash>
@@ -305,3 +306,16 @@ def settings_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> dict[
     except ConfigError as err:
         raise ConfigError(f"--settings_file {path!r}: {err}") from err
     return {**defaults, **settings, "settings_file": path, "resume": "no", "measure_only": ""}
+
+
+def draw_training_curve(frame: Frame) -> None:
+    """The training curve; a figure that cannot be written is a warning in the report, not a failed run."""
+    figure = frame.paths.figures / f"training_curve_{frame.run_id}"
+    try:
+        drawn = training_curve(frame.history, figure,
+                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}")
+    except OSError as err:
+        frame.log(f"Warning: the training curve could not be written to {figure}.pdf: {err}")
+        return
+    frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
+              "(engines log through training_loop or log_progress)")
