@@ -62,7 +62,8 @@ def _saved_bytes(model: nn.Module, sample: torch.Tensor, batch: int) -> int:
     return total
 
 
-def _available_host_bytes() -> int:
+def available_host_bytes() -> int:
+    """Memory the OS can give this process now (Linux: MemAvailable), in bytes."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -105,7 +106,7 @@ def get_max_batch_size(model: nn.Module, sample: torch.Tensor, device: torch.dev
         per_sample = _saved_bytes(model, sample, 2) - _saved_bytes(model, sample, 1)
     per_sample = max(per_sample, 0) + sample.numel() * sample.element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    free = (free_bytes if free_bytes is not None else _available_host_bytes()) - 3 * param_bytes
+    free = (free_bytes if free_bytes is not None else available_host_bytes()) - 3 * param_bytes
     estimate = int(safety * free / max(per_sample, 1))
     return max(0, min(high, estimate)) if estimate >= low else 0
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from src.Architectures.Models import build_model
-from src.batch_probe import get_max_batch_size
+from src.batch_probe import available_host_bytes, get_max_batch_size
 from src.blocks import block_tensors
 from src.Buliding_Units.ScheduleUnit import ScheduleUnit
 from src.Buliding_Units.StopperUnit import StopperUnit
@@ -229,14 +229,7 @@ MEMORY_SHARE = 0.8  # a model (with its copies and optimiser state) may take at 
 
 
 def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
 
 
 def _build_checked(H: Mapping[str, Any], data: TaskData, device: torch.device, copies: int) -> nn.Module:
