@@ -93,6 +93,7 @@ from src.Architectures.Models import MODELS  # noqa: E402
 from src.Buliding_Units.checkpoint import restore  # noqa: E402
 from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
 from src.Buliding_Units.plugins import parse_units  # noqa: E402
+from src.Buliding_Units.ScheduleUnit import check_schedules  # noqa: E402
 from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
                                      draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
                                      resume_notes, save_model, settings_defaults, units_text, write_config)
@@ -223,11 +224,12 @@ def make_frame(H: dict[str, Any], spec: EngineSpec) -> Frame:
     frame = generate_ModelFrame(H, units=stoppers(H) + parse_units(text, source),
                                 paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
     frame.run = experiment_id(H, text)
-    for unit in frame.measure_units + frame.schedule_units:
-        try:
+    try:
+        check_schedules(frame.schedule_units)
+        for unit in frame.measure_units + frame.schedule_units:
             unit.prepare(frame)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return frame
 
 

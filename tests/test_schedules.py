@@ -153,11 +153,19 @@ def test_budget_stopper_stops_at_the_budget_and_says_which(tmp_path):
     ("- LearningRateSchedule scheduler=CosineAnealingLR", "unknown scheduler 'CosineAnealingLR'"),
     ("- LearningRateSchedule scheduler=StepLR", "step_size"),
     ("- LearningRateSchedule block_lr_scale=[1.0]", "block_lr_scale needs 2"),
+    ("- LearningRateSchedule scheduler=ReduceLROnPlateau monitor=tset_loss", "unknown monitor 'tset_loss'"),
+    ("- LearningRateSchedule scheduler=Counter", "unknown scheduler 'Counter'"),
+    ("- LearningRateSchedule scheduler=SequentialLR", "unknown scheduler 'SequentialLR'"),
+    ("- LearningRateSchedule scheduler=StepLR step_size=2\n- LearningRateSchedule scheduler=ExponentialLR gamma=0.9",
+     "two schedules set lr"),
+    ("- ParameterSchedule key=K values=[[0,2],[0.7,4]]", "whole rounds"),
+    ("- Curriculum score=file score_file={nan}", "non-finite values"),
 ])
 def test_bad_schedules_exit_2_before_training(tmp_path, capsys, line, fragment):
     np.save(tmp_path / "wrong.npy", np.zeros(10))
+    np.save(tmp_path / "nan.npy", np.where(np.arange(1438) % 2, np.nan, 1.0))
     with pytest.raises(SystemExit) as info:
-        dol1.main(TINY + units(tmp_path, line.format(wrong=tmp_path / "wrong.npy"))
+        dol1.main(TINY + units(tmp_path, line.format(wrong=tmp_path / "wrong.npy", nan=tmp_path / "nan.npy"))
                   + ["--training_mode", "blockwise_sequential", "--output_root", str(tmp_path / "out")])
     assert info.value.code == 2 and fragment in capsys.readouterr().err
     assert not (tmp_path / "out" / "reports").exists()
@@ -228,3 +236,13 @@ def test_training_curve_draws_the_logged_schedule_values(tmp_path):
     logged = [json.loads(line) for line in frame.reporter.metrics_path.read_text().splitlines()]
     assert series["K"] == ([r["round"] for r in logged if "K" in r], [r["K"] for r in logged if "K" in r])
     assert (tmp_path / "figures" / f"training_curve_{frame.run_id}.png").stat().st_size > 0
+
+
+def test_k_schedule_needs_a_block_wise_mode_and_the_first_record_shows_round_zero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        dol1.main(TINY + units(tmp_path, "- ParameterSchedule key=K values=[[0,2]]")
+                  + ["--training_mode", "entire", "--output_root", str(tmp_path / "a")])
+    assert info.value.code == 2 and "needs a block-wise mode" in capsys.readouterr().err
+    frame = dol1.main(TINY + units(tmp_path, "- LearningRateSchedule scheduler=LinearLR start_factor=0.1")
+                      + ["--output_root", str(tmp_path / "b")])
+    assert frame.history[0]["lr"] == pytest.approx(0.005)  # round 0 trains at 0.1 x 0.05, and its record says so

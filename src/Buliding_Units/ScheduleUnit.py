@@ -31,6 +31,9 @@ from torch import nn
 from src.Data import PoolBatchStream
 
 _KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
+# schedulers that take other schedulers or a function as arguments: not expressible as key=value literals
+UNSPELLABLE = ("ChainedScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR")
+MONITORS = ("loss", "accuracy", "test_loss", "test_accuracy")
 
 
 class ScheduleUnit(ABC):
@@ -80,8 +83,10 @@ class LearningRateSchedule(ScheduleUnit):
 
     def __init__(self, scheduler: str = "CosineAnnealingLR", block_lr_scale: list | None = None,
                  monitor: str = "test_loss", **kwargs: Any) -> None:
-        names = sorted(n for n in dir(torch.optim.lr_scheduler) if n[0].isupper() and n != "LRScheduler"
-                       and isinstance(getattr(torch.optim.lr_scheduler, n), type))
+        module = torch.optim.lr_scheduler
+        names = sorted(n for n in dir(module) if isinstance(getattr(module, n), type) and n not in UNSPELLABLE
+                       and n != "LRScheduler" and (issubclass(getattr(module, n), module.LRScheduler)
+                                                   or n == "ReduceLROnPlateau"))
         if scheduler not in names:
             raise ValueError(f"unknown scheduler {scheduler!r}; valid: {names}")
         self.scheduler, self.kwargs, self.monitor = scheduler, kwargs, monitor
@@ -113,7 +118,11 @@ class LearningRateSchedule(ScheduleUnit):
             self._lrs.append(self._optimizer.param_groups[0]["lr"])
         return self._lrs[round_index]
 
+    controls = "lr"
+
     def prepare(self, frame: Any) -> None:
+        if self.scheduler == "ReduceLROnPlateau" and self.monitor not in MONITORS:
+            raise ValueError(f"unknown monitor {self.monitor!r} for ReduceLROnPlateau; valid: {list(MONITORS)}")
         try:
             self._start(frame)
             for r in range(frame.H["rounds"] + 1):
@@ -163,8 +172,11 @@ class ParameterSchedule(ScheduleUnit):
             raise ValueError(f"shape must be 'linear' or 'cosine' with start= and end=, got shape={shape!r}, "
                              f"start={start!r}, end={end!r}")
         if values is not None and not (isinstance(values, list) and values and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 for p in values)):
-            raise ValueError(f"values must be a non-empty list of [round, value] pairs, got {values!r}")
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and p[0] >= 0 for p in values)):
+            raise ValueError(f"values must be a non-empty list of [round, value] pairs with whole rounds >= 0, got "
+                             f"{values!r}")
+        if until is not None and (not isinstance(until, int) or until < 0):
+            raise ValueError(f"until must be a whole round >= 0, got {until!r}")
         self.key, self.shape, self.start, self.end, self.until = key, shape, start, end, until
         self.values = sorted((int(r), v) for r, v in values) if values is not None else None
 
@@ -179,7 +191,8 @@ class ParameterSchedule(ScheduleUnit):
                 if r <= round_index:
                     current = v
             return current
-        fraction = min(round_index / max(self.until or frame.H["rounds"], 1), 1.0)
+        until = frame.H["rounds"] if self.until is None else self.until
+        fraction = min(round_index / until, 1.0) if until > 0 else 1.0
         if self.shape == "cosine":
             fraction = (1 - math.cos(math.pi * fraction)) / 2
         return self.start + (self.end - self.start) * fraction
@@ -196,7 +209,14 @@ class ParameterSchedule(ScheduleUnit):
                              f"{bounds}")
         return value
 
+    @property
+    def controls(self) -> str:
+        return self.key
+
     def prepare(self, frame: Any) -> None:
+        if self.key in ("K", "active_share") and not hasattr(frame, "distributed_models"):
+            raise ValueError(f"a {self.key} schedule needs a block-wise mode; --training_mode "
+                             f"{frame.H['training_mode']} takes one whole-model step per round")
         for r in range(frame.H["rounds"] + 1):
             self._cast(self.value(frame, r), r)
 
@@ -276,6 +296,8 @@ class Curriculum(ScheduleUnit):
                 "order": self.order, "rescore_every": self.rescore_every, "score_file": self.score_file,
                 "score_round": self.score_round}
 
+    controls = "pool"
+
     def prepare(self, frame: Any) -> None:
         train = frame.data.train
         if not hasattr(train, "tensors"):
@@ -288,6 +310,10 @@ class Curriculum(ScheduleUnit):
                 scores = np.load(self.score_file)
             except (OSError, ValueError) as err:
                 raise ValueError(f"score_file {self.score_file!r} cannot be read: {err}") from err
+            if not np.issubdtype(scores.dtype, np.number) or not np.isfinite(scores).all():
+                raise ValueError(f"score_file {self.score_file!r} must hold finite numbers; it has dtype "
+                                 f"{scores.dtype}" + (f" and {int((~np.isfinite(scores)).sum())} non-finite "
+                                                      f"values" if np.issubdtype(scores.dtype, np.number) else ""))
             if scores.shape != (len(train),):
                 raise ValueError(f"score_file {self.score_file!r} has shape {scores.shape}; the training set of "
                                  f"{frame.H['dataset_name']} needs ({len(train)},): one score per sample")
@@ -326,6 +352,21 @@ class Curriculum(ScheduleUnit):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order = state.get("order")
+
+
+def check_schedules(units: list[ScheduleUnit]) -> None:
+    """Refuse two schedules of one value (the later would silently override the earlier).
+
+    Raises:
+        ValueError: naming the value and the schedules.
+    """
+    seen: dict[str, ScheduleUnit] = {}
+    for unit in units:
+        key = getattr(unit, "controls", None)
+        if key is not None and key in seen:
+            raise ValueError(f"two schedules set {key}: {seen[key]!r} and {unit!r}; keep one")
+        if key is not None:
+            seen[key] = unit
 
 
 def schedule_changes(frame: Any, round_index: int) -> dict[str, Any]:

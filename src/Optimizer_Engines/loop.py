@@ -209,13 +209,17 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     frame.start_time = time.perf_counter() - frame.elapsed  # elapsed > 0 after a resume
     frame.center_model.train()
     deviation = 0.0
+    first = schedule_changes(frame, 0) if frame.round == 0 else None  # the first record shows round 0's settings
+    if first is not None:
+        apply_changes(frame, first)
     record = log_progress(frame) if frame.round == 0 else None
     stopped = record is not None and check_stoppers(frame, record)
     for unit in frame.schedule_units if record is not None else ():
         unit.observe(frame, record)
     while not stopped and frame.round < H["rounds"]:
         t0 = time.perf_counter()
-        frame.round_changes = schedule_changes(frame, frame.round)  # a multi-process engine sends them on
+        frame.round_changes = first if first is not None and frame.round == 0 else \
+            schedule_changes(frame, frame.round)  # a multi-process engine sends them on to every rank
         apply_changes(frame, frame.round_changes)
         frame.timers["schedules"] = frame.timers.get("schedules", 0.0) + time.perf_counter() - t0
         deviation = step(frame, frame.round)
