@@ -93,7 +93,7 @@ from src.Architectures.Models import MODELS  # noqa: E402
 from src.Buliding_Units.checkpoint import restore  # noqa: E402
 from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
 from src.Buliding_Units.plugins import parse_units  # noqa: E402
-from src.Buliding_Units.ScheduleUnit import check_schedules  # noqa: E402
+from src.Buliding_Units.schedules import check_schedules  # noqa: E402
 from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
                                      draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
                                      resume_notes, save_model, settings_defaults, units_text, write_config)

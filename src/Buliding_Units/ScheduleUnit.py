@@ -3,7 +3,7 @@
 A schedule's ``at(frame, round)`` returns the changes for that round — ``{"lr": [one per block]}``, ``{"K": 5}``,
 ``{"pool": indices}`` — computed from the round, the run's seed and what the schedule fixed before training, so a
 resumed run or another rank gets the same answer. The shared loop calls every schedule at the start of every round
-and applies the changes (``apply_changes``); the multi-process engine sends them to every rank. Listed in
+and applies the changes (``schedules.apply_changes``); the multi-process engine sends them to every rank. Listed in
 ``Units.txt`` like the other plugins::
 
     - LearningRateSchedule scheduler=CosineAnnealingLR T_max=120
@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.Data import PoolBatchStream
 
-_KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
+KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
 # schedulers that take other schedulers or a function as arguments: not expressible as key=value literals
 UNSPELLABLE = ("ChainedScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR")
 MONITORS = ("loss", "accuracy", "test_loss", "test_accuracy")
@@ -163,8 +162,8 @@ class ParameterSchedule(ScheduleUnit):
 
     def __init__(self, key: str = "K", values: list | None = None, shape: str | None = None,
                  start: float | None = None, end: float | None = None, until: int | None = None) -> None:
-        if key not in _KEYS:
-            raise ValueError(f"unknown key {key!r}; valid: {sorted(_KEYS)}")
+        if key not in KEYS:
+            raise ValueError(f"unknown key {key!r}; valid: {sorted(KEYS)}")
         if values is not None and shape is not None:
             raise ValueError("give either values=[[round, value], ...] or shape=linear|cosine with start= and end=, "
                              "not both")
@@ -198,7 +197,7 @@ class ParameterSchedule(ScheduleUnit):
         return self.start + (self.end - self.start) * fraction
 
     def _cast(self, value: float, round_index: int) -> Any:
-        kind, low, high = _KEYS[self.key]
+        kind, low, high = KEYS[self.key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"ParameterSchedule gives {self.key} = {value!r} at round {round_index}: not a number")
         value = int(round(value)) if kind is int else float(value)
@@ -352,63 +351,3 @@ class Curriculum(ScheduleUnit):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order = state.get("order")
-
-
-def check_schedules(units: list[ScheduleUnit]) -> None:
-    """Refuse two schedules of one value (the later would silently override the earlier).
-
-    Raises:
-        ValueError: naming the value and the schedules.
-    """
-    seen: dict[str, ScheduleUnit] = {}
-    for unit in units:
-        key = getattr(unit, "controls", None)
-        if key is not None and key in seen:
-            raise ValueError(f"two schedules set {key}: {seen[key]!r} and {unit!r}; keep one")
-        if key is not None:
-            seen[key] = unit
-
-
-def schedule_changes(frame: Any, round_index: int) -> dict[str, Any]:
-    """Every schedule's changes for the round, merged (a later schedule wins on the same key)."""
-    changes: dict[str, Any] = {}
-    for unit in frame.schedule_units:
-        changes.update(unit.at(frame, round_index))
-    return changes
-
-
-def apply_changes(frame: Any, changes: dict[str, Any]) -> None:
-    """Apply a round's changes to this process's frame: settings, optimiser learning rates, the curriculum pool."""
-    for key in _KEYS:
-        if key in changes:
-            frame.H[key] = changes[key]
-    if "lr" in changes:
-        frame.current_lrs = list(changes["lr"])
-        optimizers = [(0, frame.optimizer)] if frame.optimizer is not None else []
-        for b, optimizer in optimizers + list(getattr(frame, "block_optimizers", {}).items()):
-            for group in optimizer.param_groups:
-                group["lr"] = frame.current_lrs[b]
-    if "order" in changes:
-        frame.pool_order, frame.pool_size = changes["order"], None
-    size = changes.get("pool_size")
-    if size is not None and size != frame.pool_size:
-        inputs, targets = frame.data.train.tensors
-        # each pool size has its own seeded order of its samples
-        frame.train_batches = PoolBatchStream(inputs, targets, frame.pool_order[:size], frame.H_initial["batch_size"],
-                                              frame.H["seed"] + POOL_SEED_STRIDE * size)
-        frame.pool_size = size
-
-
-POOL_SEED_STRIDE = 7_919  # the batch order of a pool of m samples is seeded with seed + POOL_SEED_STRIDE * m
-
-
-def schedule_record(frame: Any) -> dict[str, Any]:
-    """The schedule-driven values for a progress record: lr (first block's; per block in block-wise modes), K,
-    active_share, gamma, and the pool size when a curriculum is active."""
-    record: dict[str, Any] = {"lr": frame.current_lrs[0], "K": frame.H["K"], "active_share": frame.H["active_share"],
-                              "gamma": frame.H["gamma"]}
-    if hasattr(frame, "distributed_models"):
-        record["lr_blocks"] = list(frame.current_lrs)
-    if frame.pool_size is not None:
-        record["pool_size"] = frame.pool_size
-    return record

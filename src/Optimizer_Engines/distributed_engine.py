@@ -48,7 +48,7 @@ from torch import nn
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
-from src.Buliding_Units.ScheduleUnit import apply_changes
+from src.Buliding_Units.schedules import apply_changes
 from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff
 from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,

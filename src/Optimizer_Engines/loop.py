@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from src.Buliding_Units.Model_frames import Frame
-from src.Buliding_Units.ScheduleUnit import apply_changes, schedule_changes, schedule_record
+from src.Buliding_Units.schedules import apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
 
 
