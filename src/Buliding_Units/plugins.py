@@ -1,7 +1,7 @@
 """The plugin registry and the ``Units.txt`` parser.
 
-A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit``, a ``ScheduleUnit`` or a
-``StopperUnit``. Plugins defined in this package's plugin modules are known by their class name; any other is
+A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit``, a
+``ScheduleUnit`` or a ``StopperUnit``. Plugins defined in this package's plugin modules are known by their class name; any other is
 named by a dotted path ``package.module.Class``.
 
 ``Units.txt``: lines starting with ``-`` name a plugin, optionally followed by ``key=value`` arguments (values are

@@ -20,9 +20,9 @@ schedule. Its counters are the global ones: ``steps`` += active blocks × K per 
 (waiting, collectives, delay, scatter), so the two add up to the round's wall time; ``bytes_sent`` counts block
 payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) bytes per round, are left out).
 
-Launch: ``train_blockwise_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins the process
-group from the environment while ``dol1.py`` sends ranks > 0 to ``torchrun_worker``. ``n_workers = 0`` means one
-worker per block, capped at the CPU cores this process may use (CPU) or at the visible GPUs (CUDA).
+Launch: ``train_blockwise_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins
+the process group from the environment while ``dol1.py`` sends ranks > 0 to ``torchrun_worker``. ``n_workers = 0``
+means one worker per block, capped at the CPU cores this process may use (CPU) or at the visible GPUs (CUDA).
 
 Test hook: a spawned or torchrun worker whose rank equals the environment variable ``BLOCKWISE_TEST_FAIL_RANK``
 raises a RuntimeError at the start of round ``BLOCKWISE_TEST_FAIL_ROUND`` (default 1).
@@ -277,7 +277,8 @@ def _plan(frame: Disributed_frame, env: TorchrunEnv | None) -> WorkerPlan:
 
 
 def _start_group(frame: Disributed_frame, plan: WorkerPlan, own_group: bool, pool: WorkerPool | None) -> None:
-    """Join the process group: from torchrun's environment (no pool), or after spawning ranks 1 … n−1 in ``pool``."""
+    """Join the process group: from torchrun's environment (no pool), or after spawning ranks 1 … n−1 in
+    ``pool``."""
     if pool is None:
         if own_group:
             dist.init_process_group(plan.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
