@@ -213,17 +213,17 @@ class _Progress:
             self(self.frame.round, self.frame.H["rounds"])
 
 
-def make_frame(H: dict[str, Any], spec: EngineSpec) -> Frame:
+def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | None = None) -> Frame:
     """Plugins and frame for a resolved configuration, writing nothing.
 
     Raises:
         ConfigError: a bad units file, data that cannot be loaded, a model that does not fit, a unit that
             cannot measure this model.
     """
-    text, source = units_text(H)
+    text, source = units or units_text(H)
     frame = generate_ModelFrame(H, units=stoppers(H) + parse_units(text, source),
                                 paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
-    frame.run = experiment_id(H, text)
+    frame.run, frame.units_text = experiment_id(H, text), text
     try:
         check_schedules(frame.schedule_units)
         for unit in frame.measure_units + frame.schedule_units:
@@ -238,7 +238,7 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
     """The frame (``make_frame``'s, or a new one) with its reporter; restored from ``resume`` when given."""
     frame = frame if frame is not None else make_frame(H, spec)
     files = RunFiles(frame.paths, frame.run_id)
-    text = units_text(H)[0]
+    text = frame.units_text
     if resume is not None:
         try:
             restore(frame, resume)
@@ -324,11 +324,12 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
     Raises:
         ConfigError: bad input (nothing written); RunLocked: the run is live elsewhere (nothing written).
     """
-    text, _ = units_text(H)
+    units = units_text(H)
+    text = units[0]
     files = RunFiles(Paths.for_output_root(H["output_root"]), experiment_id(H, text))
     check_writable(files.paths)
     resume = find_resume(files, H["resume"], H, text)
-    frame = make_frame(H, spec)  # catches every remaining bad input before anything is written
+    frame = make_frame(H, spec, units)  # catches every remaining bad input before anything is written
     claim = RunClaim(files.paths.reports, files.run)
     try:
         if resume is not None:  # what was found before the claim may have finished meanwhile: look again

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import io
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -43,13 +42,10 @@ if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any workin
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from src.cli import ConfigError, OneLineParser  # noqa: E402 - after the path fix above (imports no torch)
+from src.Optimizer_Engines.worker_pool import available_cpus  # noqa: E402 - imports no torch either
 
 _LIMITS = {"runs_per_gpu": (1, 1024), "cpu_slots": (1, 4096), "max_attempts": (1, 1000), "grace": (0, 86400),
            "poll_interval": (0.01, 3600)}  # flag: (lowest, highest)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", help='JSON file {"grid": {...}, "fixed": {...}} (--grid/--fixed override it)')
     parser.add_argument("--tracker", default=str(PROJECT_ROOT / "progress_tracker.json"), help="progress tracker")
     parser.add_argument("--runs_per_gpu", type=int, default=1, help="runs packed on each GPU")
-    parser.add_argument("--cpu_slots", type=int, default=max(1, _cores() // 2),
+    parser.add_argument("--cpu_slots", type=int, default=max(1, available_cpus() // 2),
                         help="parallel runs without GPUs (default: half the cores)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are visible")
     parser.add_argument("--max_attempts", type=int, default=2, help="failed attempts before a run is given up")
@@ -184,7 +180,7 @@ def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[
     except sw.SweepError as err:
         _fail(str(err), 2)
     gpus = [] if args.cpu else sw.visible_gpus()
-    slots = sw.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, sw.cpu_cores())
+    slots = sw.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, available_cpus())
     return runs, grid, fixed, sw.sweep_hash(grid, fixed), slots
 
 

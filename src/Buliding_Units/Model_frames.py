@@ -103,6 +103,7 @@ class Frame:
     checkpointer: Any = None
     checkpointed_round: int | None = None  # the round of the last checkpoint this process wrote
     run: str | None = None
+    units_text: str | None = None  # the text of the run's units file (part of its identity)
     interrupt: int | None = None
     elapsed: float = 0.0
     remote_state: Callable[[], dict[str, Any]] | None = None

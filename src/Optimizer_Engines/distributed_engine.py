@@ -49,11 +49,12 @@ from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
 from src.Buliding_Units.schedules import apply_changes
-from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff
+from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff, to_cpu
 from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
-from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus, loopback_only
+from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus,
+                                               loopback_only)
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
@@ -108,7 +109,7 @@ def _command(state: _Rank, value: int = 0, changes: dict[str, Any] | None = None
     dist.broadcast(t, src=0)
     if not t[1].item():
         return int(t[0].item()), {}
-    box = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in (changes or {}).items()}]
+    box = [to_cpu(changes or {})]
     dist.broadcast_object_list(box, src=0)
     return int(t[0].item()), box[0]
 

@@ -19,19 +19,20 @@ from src.Buliding_Units.Model_frames import Disributed_frame
 CHECKPOINT = -2  # the command that asks every rank for its state
 
 
-def _cpu(obj: Any) -> Any:
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (nested in dicts, lists, tuples) moved to the CPU, for object collectives."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v) for v in obj)
     return obj
 
 
 def local_state(frame: Disributed_frame, rank: int) -> dict[str, Any]:
     """This rank's block copies (as differences from the centre), block optimisers and RNG state."""
-    return _cpu({"copies": {b: copy_differences(m, frame.center_model) for b, m in frame.distributed_models.items()},
+    return to_cpu({"copies": {b: copy_differences(m, frame.center_model) for b, m in frame.distributed_models.items()},
                  "block_optimizers": {b: o.state_dict() for b, o in frame.block_optimizers.items()},
                  "rng": {rank: rng_state()}})
 

@@ -9,12 +9,12 @@
 Layer: above the engines (it runs ``dol1.py`` processes); it imports only the ground floor of ``src``.
 """
 from src.Sweeps.grid import Run, SweepError, expand, load_spec, sweep_hash, to_argv
-from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot, cpu_cores, plan_slots, visible_gpus
+from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot, plan_slots, visible_gpus
 from src.Sweeps.scheduler import ENDED, STATUSES, Scheduler
 from src.Sweeps.summary import figure_curves, summary_table, sweep_figure, write_summary
 from src.Sweeps.tracker import TrackerLocked, now, read_tracker, tracker_lock
 
 __all__ = ["ENDED", "STATUSES", "Handle", "Launcher", "LocalLauncher", "Run", "Scheduler", "Slot", "SweepError",
-           "TrackerLocked", "cpu_cores", "expand", "figure_curves", "load_spec", "now", "plan_slots",
+           "TrackerLocked", "expand", "figure_curves", "load_spec", "now", "plan_slots",
            "read_tracker", "summary_table", "sweep_figure", "sweep_hash", "to_argv", "tracker_lock", "visible_gpus",
            "write_summary"]

@@ -42,14 +42,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def plan_slots(gpus: Sequence[str], runs_per_gpu: int, cpu_slots: int, cores: int) -> list[Slot]:
     """Slots: ``runs_per_gpu`` per GPU (GPUs interleaved, so runs spread first), else ``cpu_slots`` on the CPU.
 
