@@ -342,3 +342,16 @@ def test_a_run_finished_under_another_tracker_is_not_run_again(tmp_path):
     for rid, entry in entries.items():
         assert Path(entry["log"]).read_text().count("master.py: attempt") == 1, rid
         assert not (out / "reports" / f"{rid}.1.txt").exists()  # nothing archived: nothing ran twice
+
+
+def test_an_adopted_run_is_alive_until_its_process_is_gone_not_only_until_its_lock_is_free(tmp_path):
+    """A run releases its lock, then writes its last files and exits: the sweep waits for the exit."""
+    command = (sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path))
+    process = subprocess.Popen(list(command))
+    try:
+        handle = launchers.Handle(process.pid, None, command, lock=(tmp_path, "Rnotheld"))
+        assert launchers.LocalLauncher().poll(handle)  # no lock held, the process still runs: alive
+    finally:
+        process.kill()
+        process.wait()
+    assert not launchers.LocalLauncher().poll(handle)

@@ -129,8 +129,11 @@ class LocalLauncher:
         if handle.process is not None:
             handle.returncode = handle.process.poll()
             return handle.returncode is None
-        if handle.lock is not None:
-            return lock_holder(*handle.lock) == handle.pid
+        if handle.lock is not None and lock_holder(*handle.lock) == handle.pid:
+            handle.command = _cmdline(handle.pid) or handle.command  # it may have been started by hand, not by us
+            return True
+        # no lock (yet, or any more): alive while the process still runs its command; a run that has released its
+        # lock is still writing its last files and exiting, and a sweep is over only when its processes are gone
         return _same_command(_cmdline(handle.pid), handle.command)
 
     def _signal(self, handle: Handle, sig: int, group: bool) -> None:
