@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 1.0,  # damping of the gather, in (0, 1]: centre <- centre + gamma*(update - centre)
     "communication_delay": 0.0,  # seconds slept in every communication stage (simulated network)
     "n_workers": 0,  # blockwise mode: worker processes (0 = one per block, capped at CPU cores or GPUs)
+    "max_staleness": -1,  # async modes: bound s on how far a worker may run ahead (0 = synchronous, -1 = unbounded)
+    "worker_speeds": [],  # async modes: relative time per local step, one per worker ([] = all 1.0)
+    "step_time": 0.0,  # async_sequential: virtual seconds per local step at speed 1 (0 = measured)
     "cuda_core": 0,  # GPU index; -1 = CPU; a missing GPU falls back to the CPU with a warning
     # --- logging and measurement ---
     "report_sampling_rate": 10,  # rounds between progress checks (0 = only at start and end)
@@ -114,7 +117,7 @@ _CHOICES = {
 }
 _AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
              "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0,
-             "checkpoint_every": 0}
+             "checkpoint_every": 0, "max_staleness": -1, "step_time": 0}
 RUN_ID = re.compile(r"R[0-9a-f]{8}")
 
 
@@ -149,6 +152,10 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            and not isinstance(H["target_value"], bool),
            f"--target_value must be a number or None, got {H['target_value']!r}")
     _check(H["cuda_core"] >= -1, f"--cuda_core must be a GPU index >= 0, or -1 for the CPU; got {H['cuda_core']}")
+    _check(isinstance(H["worker_speeds"], list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in H["worker_speeds"]),
+        f"--worker_speeds must be a list of numbers > 0 (relative time per local step, one per worker), got "
+        f"{H['worker_speeds']!r}")
     _check(H["communication_delay"] <= 3600, f"--communication_delay is seconds per round, at most 3600; got "
                                              f"{H['communication_delay']}")
     _check(not spec.block_updates or H["block_update"] in spec.block_updates,
@@ -228,6 +235,8 @@ def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | Non
         check_schedules(frame.schedule_units)
         for unit in frame.measure_units + frame.schedule_units:
             unit.prepare(frame)
+        if spec.check is not None:
+            spec.check(frame)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return frame

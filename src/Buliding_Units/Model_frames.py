@@ -75,7 +75,9 @@ class Frame:
     Run plumbing: ``checkpointer`` (writes checkpoints at round boundaries), ``interrupt`` (a signal number set by
     the script's handler: the loop checkpoints at the next round boundary and raises KeyboardInterrupt),
     ``elapsed`` (training seconds before a resume), ``remote_state`` (a multi-process engine's collector of the
-    other ranks' state for a checkpoint), ``restored_rng`` (every rank's RNG state after a resume).
+    other ranks' state for a checkpoint), ``restored_rng`` (every rank's RNG state after a resume); an engine with
+    state of its own sets ``engine_state`` (saved in checkpoints, handed back as ``restored_engine``) and
+    ``engine_metrics`` (extra fields of every progress record).
     """
 
     H: dict[str, Any]
@@ -108,6 +110,9 @@ class Frame:
     elapsed: float = 0.0
     remote_state: Callable[[], dict[str, Any]] | None = None
     restored_rng: dict[int, Any] | None = None
+    engine_metrics: Callable[[], dict[str, Any]] | None = None  # an engine's own fields for every progress record
+    engine_state: Callable[[], dict[str, Any]] | None = None  # an engine's own state for a checkpoint
+    restored_engine: dict[str, Any] | None = None  # that state after a resume
 
     def __post_init__(self) -> None:
         self.train_batches = self.data.batches(self.H["batch_size"], self.H["seed"])

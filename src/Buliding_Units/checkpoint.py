@@ -87,6 +87,7 @@ def frame_state(frame: Frame) -> dict[str, Any]:
         "measurements": [u.state_dict() for u in frame.measure_units],
         "schedules": [u.state_dict() for u in frame.schedule_units],
         "batch_cursor": frame.batch_cursor, "current_lrs": list(frame.current_lrs), "pool_order": frame.pool_order,
+        "engine": frame.engine_state() if frame.engine_state is not None else None,
     }
     if frame.remote_state is not None:
         remote = frame.remote_state()
@@ -120,6 +121,7 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
     frame.timers.update(state["timers"])
     frame.history = list(state["history"])
     frame.restored_rng = state["rng"]
+    frame.restored_engine = state.get("engine")
     set_rng_state(state["rng"][0])
 
 

@@ -40,6 +40,8 @@ class EngineSpec:
         block_updates: the ``--block_update`` values the engine accepts; empty = it ignores the key.
         torchrun_worker: for multi-process engines, the function that ``torchrun`` ranks > 0 run with ``H``
             (rank 0 runs ``function``); None = a single-process engine.
+        check: ``check(frame)`` on the built frame before anything is written; raises ValueError on settings the
+            engine cannot run (``dol1.py`` turns it into a usage error, exit 2). None = no check.
     """
 
     name: str
@@ -47,6 +49,7 @@ class EngineSpec:
     block_copies: bool = False
     block_updates: tuple[str, ...] = ()
     torchrun_worker: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[[Any], None] | None = None
 
     @property
     def summary(self) -> str:
@@ -67,7 +70,8 @@ ENGINES: dict[str, EngineSpec] = {}  # filled by register_engine; engine_table()
 
 def register_engine(name: str | Callable[..., Any] | None = None, *, block_copies: bool = False,
                     block_updates: tuple[str, ...] = (),
-                    torchrun_worker: Callable[[dict[str, Any]], None] | None = None) -> Any:
+                    torchrun_worker: Callable[[dict[str, Any]], None] | None = None,
+                    check: Callable[[Any], None] | None = None) -> Any:
     """Decorator: enter a function in the engine table under ``name`` (default: the function's name).
 
     Usable bare (``@register_engine``) or with arguments (see :class:`EngineSpec`). The function gets an
@@ -79,7 +83,7 @@ def register_engine(name: str | Callable[..., Any] | None = None, *, block_copie
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         _check_engine_signature(function, f"@register_engine on {function.__qualname__}", ValueError)
         spec = EngineSpec(name if isinstance(name, str) else function.__name__, function, block_copies,
-                          tuple(block_updates), torchrun_worker)
+                          tuple(block_updates), torchrun_worker, check)
         known = ENGINES.get(spec.name)
         if known is not None and (known.function.__module__, known.function.__qualname__) != \
                 (function.__module__, function.__qualname__):

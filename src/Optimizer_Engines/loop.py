@@ -132,7 +132,7 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
         "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],
         "compute_time_share": frame.timers["compute"] / busy if busy else 1.0,
         "deviation": deviation, "bytes_sent": frame.bytes_sent, "rounds_total": frame.H["rounds"],
-        **schedule_record(frame),
+        **schedule_record(frame), **(frame.engine_metrics() if frame.engine_metrics is not None else {}),
     }
     frame.history.append(record)
     if frame.reporter is not None:
