@@ -28,8 +28,14 @@ TINY = ["--model", "mlp", "--config", "[8]", "--dataset_name", "digits_flat", "-
 ENGINES = {"entire": ["--training_mode", "entire"],
            "sequential": ["--training_mode", "blockwise_sequential", "--K", "2", "--gamma", "0.7",
                           "--active_share", "0.7"],
-           "multiprocess": ["--training_mode", "blockwise", "--n_workers", "2", "--K", "2", "--gamma", "0.7"]}
-TIMING = {"wall_time", "compute_time", "communication_time", "compute_time_share"}
+           "multiprocess": ["--training_mode", "blockwise", "--n_workers", "2", "--K", "2", "--gamma", "0.7"],
+           "async_simulated": ["--training_mode", "async_sequential", "--worker_speeds", "[1, 3, 2]", "--step_time", "1",
+                               "--max_staleness", "1", "--K", "2", "--gamma", "0.7"],
+           # the real asynchronous engine is deterministic (and so exactly resumable) only when synchronous
+           "async_synchronous": ["--training_mode", "async", "--max_staleness", "0", "--n_workers", "2", "--K", "2",
+                                 "--gamma", "0.7"]}
+TIMING = {"wall_time", "compute_time", "communication_time", "compute_time_share", "worker_compute_time",
+          "worker_wait_time"}
 
 
 def units(tmp_path: Path, text: str = EMPTY_UNITS) -> list[str]:
@@ -86,7 +92,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_kill_9_then_resume_ends_bit_identical(tmp_path, engine):
-    argv = SLOW + ENGINES[engine] + units(tmp_path) + ["--rounds", "120" if engine == "multiprocess" else "240"]
+    argv = SLOW + ENGINES[engine] + units(tmp_path) + ["--rounds", "240" if engine in ("entire", "sequential") else "120"]
     assert run_to_end(argv + ["--output_root", str(tmp_path / "whole")], tmp_path / "whole.log") == 0
     victim = start(argv + ["--output_root", str(tmp_path / "cut")], tmp_path / "cut.log")
     stop_at = random.Random(engine).randrange(15, 60)
