@@ -125,3 +125,17 @@ def _save(fig: Any, plt: Any, path: str | Path) -> list[Path]:
         written.append(target)
     plt.close(fig)
     return written
+
+
+def staleness_histogram(histogram: Sequence[int], path: str | Path, title: str = "") -> list[Path]:
+    """Bars of how many updates saw each staleness (other updates applied between read and write)."""
+    plt = pyplot()
+    counts = np.asarray(histogram, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
+    ax.bar(np.arange(len(counts)), counts, color="tab:blue")
+    ax.set_xlabel("staleness (updates by other workers between an update's read and its write)")
+    ax.set_ylabel("updates")
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, plt, path)

@@ -209,3 +209,6 @@ def test_simulator_resumes_exactly_after_an_interrupt(tmp_path):
     cut = history(tmp_path / "cut")
     assert cut == history(tmp_path / "whole") and cut[5]["updates_in_flight"] > 0
     assert cut[-1]["virtual_time"] > 0
+    figure = tmp_path / "whole" / "figures" / f"staleness_{whole.run_id}.png"
+    assert figure.stat().st_size > 0 and f"Staleness histogram: {figure.with_suffix('.pdf')}" in \
+        whole.reporter.path.read_text()
