@@ -48,3 +48,18 @@ def test_bench_engines_schedule_row():
     table = {r.split("|")[1].strip(): r for r in rows if r.startswith("| ") and "---" not in r}
     assert {"none", "3 schedules + curriculum"} <= set(table)
     assert 0.2 < float(table["3 schedules + curriculum"].split("|")[3]) < 5 and "%" in rows[-1]
+
+
+def test_bench_async_pieces():
+    import argparse
+
+    import bench_async
+    history = [{"loss": 2.3, "wall_time": 0.1, "round": 0, "samples": 0, "steps": 0},
+               {"loss": float("nan"), "wall_time": 0.2, "round": 1, "samples": 10, "steps": 4},
+               {"loss": 0.4, "wall_time": 0.3, "round": 2, "samples": 20, "steps": 8, "block_updates": 8}]
+    assert bench_async.time_to_target(history, 0.5, "wall_time") == {
+        "time": 0.3, "round": 2, "samples": 20, "block_updates": 8, "steps": 8}
+    assert bench_async.time_to_target(history[:2], 0.5, "wall_time")["time"] is None
+    args = argparse.Namespace(config="[8, 8, 8]", K=1, rounds=2, step_size=0.01)
+    run = bench_async._run("async_sequential", 2, [1, 1, 1, 4], args, step_time=1.0)
+    assert run[-1]["virtual_time"] > 0 and run[-1]["round"] == 2
