@@ -78,11 +78,13 @@ class StalenessBook:
     staleness_max: int = 0
     clock_gap_max: int = 0  # the largest done[w] - min(done) seen when a worker started: <= bound when bounded
     dropped: int = 0  # updates in flight when the run stopped: computed, never applied
+    worker_staleness: list[list[int]] = field(default_factory=list)  # per worker: [sum, max]
 
     def __post_init__(self) -> None:
         self.done = self.done or [0] * self.n
         self.started = self.started or [0] * self.n
         self.read_at = self.read_at or [None] * self.n
+        self.worker_staleness = self.worker_staleness or [[0, 0] for _ in range(self.n)]
         self.applied = self.applied or {b: 0 for blocks in self.blocks_of for b in blocks}
 
     def may_start(self, w: int) -> bool:
@@ -116,6 +118,8 @@ class StalenessBook:
         self.histogram[min(staleness, HISTOGRAM_BINS - 1)] += 1
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
+        mine = self.worker_staleness[w]
+        mine[0], mine[1] = mine[0] + staleness, max(mine[1], staleness)
         return staleness
 
     def on_drop(self, w: int) -> None:
@@ -133,13 +137,16 @@ class StalenessBook:
                 "updates_per_block": [self.applied[b] for b in sorted(self.applied)],
                 "staleness_mean": self.staleness_sum / self.writes if self.writes else 0.0,
                 "staleness_max": self.staleness_max, "staleness_histogram": self.histogram[:last + 1],
+                "worker_staleness_mean": [total / d if d else 0.0 for (total, _), d in
+                                          zip(self.worker_staleness, self.done)],
+                "worker_staleness_max": [high for _, high in self.worker_staleness],
                 "clock_gap_max": self.clock_gap_max, "max_staleness": self.bound,
                 "updates_in_flight": len(self.in_flight()), "updates_dropped": self.dropped}
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("n", "bound", "blocks_of", "done", "started", "read_at", "writes",
                                               "block_updates", "applied", "histogram", "staleness_sum",
-                                              "staleness_max", "clock_gap_max", "dropped")}
+                                              "staleness_max", "clock_gap_max", "dropped", "worker_staleness")}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "StalenessBook":
