@@ -109,3 +109,24 @@ def test_ctrl_c_interrupts_every_process(tmp_path):
     head = read_report(only_report(tmp_path))
     assert head["status"] == "interrupted" and "resumable" in head["status_detail"], head
     assert not any(alive(p) for p in pids)
+
+
+def test_torchrun_matches_the_spawned_run(tmp_path):
+    """Under torchrun rank 0 serves and the other ranks are the workers; at s = 0 the run is the spawned one's."""
+    common = ["--model", "mlp", "--config", "[16]", "--dataset_name", "digits_flat", "--batch_size", "32",
+              "--cuda_core", "-1", "--measurement_sampling_rate", "0", "--report_sampling_rate", "3", "--rounds", "6",
+              "--K", "2", "--max_staleness", "0", "--training_mode", "async"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "dol1.py",
+            "--output_root", str(tmp_path / "torchrun")]
+    out = subprocess.run(argv + common, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = only_report(tmp_path / "torchrun")
+    assert "(torchrun, gloo)" in report.read_text()
+    spawned = dol1.main(common + ["--output_root", str(tmp_path / "spawned")])
+    import json
+    (metrics,) = (tmp_path / "torchrun" / "reports").glob("R*.metrics.jsonl")
+    theirs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in theirs] == [r["round"] for r in spawned.history] == [0, 3, 6]
+    for a, b in zip(theirs, spawned.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["worker_updates"] == b["worker_updates"]
