@@ -82,13 +82,16 @@ def test_best_step_size_is_chosen_at_the_equal_budget_not_at_the_end(tmp_path):
     curves = sweep.summary.load_curves(runs)
     assert compare.equal_budget(curves, "samples") == (96, "A")  # F diverged (null loss): it sets no budget
     choices = compare.best_step_sizes(runs, grid, curves, "samples", 96)
+    d_at_96 = 1.0 + (0.8 - 1.0) * (96 - 64) / (512 - 64)  # interpolated between D's checks at 64 and 512 samples
     assert [(c.label, c.value, c.score, c.at_edge) for c in choices] == [("K=1", 0.01, 0.9, False),
-                                                                          ("K=4", 0.1, 1.0, True)]
+                                                                          ("K=4", 0.1, d_at_96, True)]
+    assert compare.loss_at_budget(curves["E"], "samples", 96) == pytest.approx(1.3 - 1.2 * 32 / 448, rel=1e-15)
+    assert compare.loss_at_budget(curves["F"], "samples", 32) == math.inf  # the check after is NaN
     # by the final loss, E (0.1 after 512 samples) would have won K=4
     assert [c.value for c in compare.best_step_sizes(runs, grid, curves, "samples", None)] == [0.01, 0.01]
     shown = master.figure_curves(runs, grid)
     assert [label for label, _ in shown] == ["K=1, best step_size=0.01 (loss 0.9 at 96 training samples)",
-                                             "K=4, best step_size=0.1 (loss 1 at 96 training samples) [grid edge]"]
+                                             "K=4, best step_size=0.1 (loss 0.986 at 96 training samples) [grid edge]"]
     assert shown[1][1] == [(0, 2.0), (64, 1.0), (512, 0.8)]  # the data behind the figure: D's logged losses
     # on the round axis the budget is 2 rounds (D and E), where E leads K=4 and B leads K=1
     by_round = master.figure_curves(runs, grid, "round")
@@ -157,3 +160,16 @@ def test_mean_curve_averages_seeds_check_by_check():
     a = [{"samples": 0, "loss": 2.0}, {"samples": 64, "loss": 1.0}, {"samples": 128, "loss": 0.5}]
     b = [{"samples": 0, "loss": 4.0}, {"samples": 64, "loss": 2.0}]
     assert compare.mean_curve([a, b], "samples") == [(0, 3.0), (64, 1.5)]
+
+
+def test_a_run_with_no_progress_check_inside_the_budget_is_named(tmp_path):
+    grid = {"step_size": [0.1, 0.01], "K": [1, 8]}
+    runs = [make_run(tmp_path, "Fine", {"step_size": 0.1, "K": 1}, curve(1, [2.0, 1.0, 0.5])),
+            make_run(tmp_path, "Also", {"step_size": 0.01, "K": 1}, curve(1, [2.0, 1.5, 1.0])),
+            make_run(tmp_path, "Coarse", {"step_size": 0.1, "K": 8}, curve(8, [2.0, 0.2]))]  # checks at 0 and 256
+    entries = {r.run_id: {"status": "done", "attempts": 1, "rounds_done": 1, "rounds_total": 1} for r in runs}
+    summary = sweep.write_summary(runs, entries, grid, {}, "S2", tmp_path)
+    assert "budget of 64 training samples" in summary.text
+    assert any(w.startswith("warning: Coarse logged no progress check") for w in summary.warnings)
+    assert not any("Fine" in w or "Also" in w for w in summary.warnings)
+    assert "- K=8: step_size=0.1, loss 1.55" in summary.text  # 2.0 + (0.2 - 2.0) * 64 / 256

@@ -2,9 +2,9 @@
 when the best setting sits at the edge of the grid. Pure functions on metrics records; no files, no figures.
 
 * **Equal budget.** The budget is the smallest final value of the x-axis (``samples`` by default, see
-  ``src.plots.X_AXES``) that every compared run reached; a run's score is its training loss at the last progress
-  check within the budget (never a value logged beyond it). Runs whose last loss is not finite (diverged) never
-  win and do not shrink the budget.
+  ``src.plots.X_AXES``) that every compared run reached; a run's score is its training loss at the budget,
+  interpolated linearly between the progress checks around it (a warning names the runs with no check between their
+  start and the budget). Runs whose last loss is not finite (diverged) never win and do not shrink the budget.
 * **Seeds.** When ``seed`` is a grid key, the runs that differ only in their seed form one *setting*; a setting's
   score is the mean of its runs' scores (a diverged seed makes it +inf), and its final metrics are reported as
   mean ± sample standard deviation (n − 1 in the denominator; blank for one seed).
@@ -49,12 +49,35 @@ def equal_budget(curves: dict[str, list[dict[str, Any]]], x: str) -> tuple[float
 
 
 def loss_at_budget(records: Sequence[dict[str, Any]], x: str, budget: float | None) -> float:
-    """The training loss of the last progress check with ``x`` ≤ ``budget`` (the final one when the budget is
-    None); +inf when there is none or it is not finite."""
+    """The training loss at ``budget`` on axis ``x``: at the progress check there, else interpolated linearly in
+    ``x`` between the checks just before and just after it (the final loss when the budget is None); +inf when a
+    loss it needs is not finite or no check reaches the budget."""
     if budget is None:
         return final_loss(records)
-    within = [r for r in records if finite(r.get(x)) and r[x] <= budget]
-    return within[-1]["loss"] if within and finite(within[-1].get("loss")) else math.inf
+    checks = [r for r in records if finite(r.get(x))]
+    before = [r for r in checks if r[x] <= budget]
+    after = [r for r in checks if r[x] >= budget]
+    if not before or not after:
+        return math.inf
+    a, b = before[-1], after[0]
+    if not (finite(a.get("loss")) and finite(b.get("loss"))):
+        return math.inf
+    if b[x] == a[x]:
+        return a["loss"]
+    return a["loss"] + (b["loss"] - a["loss"]) * (budget - a[x]) / (b[x] - a[x])
+
+
+def coarse_runs(curves: dict[str, list[dict[str, Any]]], x: str, budget: float | None) -> list[str]:
+    """Runs with a finite loss and no progress check inside (first check, budget]: their loss at the budget is
+    interpolated from their start alone (log more often: ``report_sampling_rate``)."""
+    if budget is None:
+        return []
+    found = []
+    for rid, records in curves.items():
+        checks = [r[x] for r in records if finite(r.get(x))]
+        if checks and math.isfinite(final_loss(records)) and not any(checks[0] < c <= budget for c in checks):
+            found.append(rid)
+    return found
 
 
 def setting_of(run: Run, grid: dict[str, list]) -> tuple:

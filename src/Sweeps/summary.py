@@ -180,17 +180,25 @@ def comparison_text(runs: list[Run], grid: dict[str, list], x: str) -> tuple[str
     if not choices:
         return "", []
     lines = [f"Best step size at an equal budget of {_budget_text(x, budget)} (the smallest that every run with a "
-             f"finite loss reached; set by {limiting}; loss at the last progress check within it"
+             f"finite loss reached; set by {limiting}; loss interpolated between the progress checks around it"
              + (", mean over seeds" if cmp.SEED in grid else "") + "):", ""]
     lines += [f"- {c.label}: step_size={c.value:g}, loss {c.score:.4g}" for c in choices]
     warnings = cmp.edge_warnings(choices, grid)
+    coarse = cmp.coarse_runs(curves, x, budget)
+    if coarse:
+        warnings.append(f"warning: {', '.join(coarse)} logged no progress check between their start and the budget: "
+                        f"their loss there is interpolated from the start; lower report_sampling_rate")
     return "\n".join(lines + [""] + warnings) + "\n", warnings
 
 
 def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str, list],
                   fixed: dict[str, Any], sweep_id: str, root: Path, x: str = "samples") -> Summary:
-    """Write the summary files of a sweep under ``root/figures`` (see the module docstring); returns them."""
-    figures = root / "figures"
+    """Write the summary files of a sweep under ``root/figures`` (see the module docstring); returns them.
+
+    Grid keys are shown in sorted order: the tracker stores the grid with sorted keys, so a summary rebuilt from it
+    (``master.py --summarize``) is the same file as the one written at the end of the sweep.
+    """
+    figures, grid = root / "figures", dict(sorted(grid.items()))
     text = summary_table(runs, entries, grid)
     seeds_csv = None
     if cmp.SEED in grid:
@@ -202,7 +210,7 @@ def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dic
     text += "\n" + paragraph if paragraph else ""
     markdown = figures / f"sweep_summary_{sweep_id}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \nfixed: `{json.dumps(fixed)}`  \n"
+    markdown.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \nfixed: `{json.dumps(fixed, sort_keys=True)}`  \n"
                         f"x-axis: `{x}`\n\n" + text)
     table_csv = write_csv(figures / f"sweep_summary_{sweep_id}.csv", csv_rows(runs, entries, grid))
     drawn = sweep_figure(runs, grid, figures / f"sweep_{sweep_id}", f"sweep {sweep_id}", x)
