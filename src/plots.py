@@ -92,7 +92,8 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
             ax.plot(xs, ys, label=label)
         ax.set_xlabel(X_AXES[panel["x"]])
         ax.set_ylabel(panel["metric"])
-        if panel["metric"] == "loss" and all(v > 0 for _, ys in panel["series"].values() for v in ys):
+        if panel["metric"] == "loss" and all(isinstance(v, (int, float)) and v > 0
+                                             for _, ys in panel["series"].values() for v in ys):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()

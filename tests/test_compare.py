@@ -110,7 +110,8 @@ def test_best_step_size_is_chosen_at_the_equal_budget_not_at_the_end(tmp_path):
 ])
 def test_grid_edge_warning_appears_exactly_when_the_best_is_at_an_edge(tmp_path, losses, warned):
     grid = {"step_size": [0.1, 0.01, 0.001]}
-    runs = [make_run(tmp_path, f"R{i}", {"step_size": s}, curve(1, [2.0, v])) for i, (s, v) in enumerate(losses.items())]
+    runs = [make_run(tmp_path, f"R{i}", {"step_size": s}, curve(1, [2.0, v]))
+            for i, (s, v) in enumerate(losses.items())]
     entries = {r.run_id: {"status": "done", "attempts": 1, "rounds_done": 1, "rounds_total": 1} for r in runs}
     summary = sweep.write_summary(runs, entries, grid, {}, "S0", tmp_path)
     text = summary.markdown.read_text()
@@ -173,3 +174,12 @@ def test_a_run_with_no_progress_check_inside_the_budget_is_named(tmp_path):
     assert any(w.startswith("warning: Coarse logged no progress check") for w in summary.warnings)
     assert not any("Fine" in w or "Also" in w for w in summary.warnings)
     assert "- K=8: step_size=0.1, loss 1.55" in summary.text  # 2.0 + (0.2 - 2.0) * 64 / 256
+
+
+def test_groups_follow_the_grid_order_not_the_text_order(tmp_path):
+    grid = {"step_size": [0.1, 0.01], "K": [5, 10, 1]}
+    runs = [make_run(tmp_path, f"R{K}_{s}", {"step_size": s, "K": K}, curve(K, [2.0, 1.0 if s == 0.1 else 1.5]))
+            for K in grid["K"] for s in grid["step_size"]]
+    curves = sweep.summary.load_curves(runs)
+    choices = compare.best_step_sizes(runs, grid, curves, "round", 1)
+    assert [c.label for c in choices] == ["K=5", "K=10", "K=1"] and {c.value for c in choices} == {0.1}

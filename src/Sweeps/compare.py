@@ -136,7 +136,9 @@ def best_step_sizes(runs: Sequence[Run], grid: dict[str, list], curves: dict[str
         best = choices.get(group)
         if math.isfinite(score) and (best is None or score < best.score):
             choices[group] = Choice(group, value, score, list(members), value in edges)
-    return [choices[g] for g in sorted(choices, key=lambda g: [str(v) for _, v in g])]
+    def grid_order(group: tuple) -> list[int]:
+        return [grid[k].index(v) if v in grid[k] else len(grid[k]) for k, v in group]
+    return [choices[g] for g in sorted(choices, key=grid_order)]
 
 
 def edge_warnings(choices: Sequence[Choice], grid: dict[str, list]) -> list[str]:

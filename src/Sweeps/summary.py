@@ -210,8 +210,8 @@ def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dic
     text += "\n" + paragraph if paragraph else ""
     markdown = figures / f"sweep_summary_{sweep_id}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \nfixed: `{json.dumps(fixed, sort_keys=True)}`  \n"
-                        f"x-axis: `{x}`\n\n" + text)
+    markdown.write_text(f"# Sweep {sweep_id}\n\ngrid: `{json.dumps(grid)}`  \n"
+                        f"fixed: `{json.dumps(fixed, sort_keys=True)}`  \nx-axis: `{x}`\n\n" + text)
     table_csv = write_csv(figures / f"sweep_summary_{sweep_id}.csv", csv_rows(runs, entries, grid))
     drawn = sweep_figure(runs, grid, figures / f"sweep_{sweep_id}", f"sweep {sweep_id}", x)
     return Summary(text, markdown, table_csv, drawn, seeds_csv, warnings)
