@@ -40,7 +40,7 @@ def train_readme_jacobi(frame, progress=None):
         batches = round_batches(frame, round_index)       # batches r·K … r·K+K−1 of the seeded order
         for b in blocks:
             local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
-        count_step(frame, batches.stream.batch_size, 1,   # the counters every report logs
+        count_step(frame, batches.stream.batch_size, len(blocks),   # the counters every report logs
                    steps=len(blocks) * len(batches), new_samples=batches.samples)
         return frame.communicate(blocks)                  # deviation, damped gather, delay, scatter
     return training_loop(frame, step, progress)           # logging, measurements, stoppers, checkpoints

@@ -32,8 +32,8 @@ def counters(frame):
 def test_count_step_adds_exactly_what_it_is_told():
     frame = build("--training_mode", "entire", "--rounds", "0")
     count_step(frame, 32, 3, new_samples=32)
-    count_step(frame, 16, 1, steps=5, new_samples=0)
-    assert counters(frame) == {"steps": 6, "samples": 32, "block_updates": 3 + 5,
+    count_step(frame, 16, 2, steps=5, new_samples=0)
+    assert counters(frame) == {"steps": 6, "samples": 32, "block_updates": 3 + 2,
                                "forward_sample_passes": 32 + 5 * 16, "backward_sample_passes": 32 + 5 * 16}
 
 
@@ -62,7 +62,7 @@ def test_gauss_seidel_counts_like_jacobi(share):
     gauss_seidel = train(*args, "--block_update", "gauss_seidel")
     active = sum(len(active_blocks(r, jacobi.n_blocks, share, 0)) for r in range(4))
     assert counters(jacobi) == counters(gauss_seidel) == {
-        "steps": 3 * active, "samples": 4 * 3 * BATCH, "block_updates": 3 * active,
+        "steps": 3 * active, "samples": 4 * 3 * BATCH, "block_updates": active,
         "forward_sample_passes": 3 * active * BATCH, "backward_sample_passes": 3 * active * BATCH}
 
 
@@ -75,7 +75,7 @@ def test_every_progress_record_carries_the_counters_of_its_round(mode):
         r = record["round"]
         assert record["steps"] == r * per_round[0] and record["samples"] == r * per_round[1] * BATCH
         assert record["forward_sample_passes"] == record["backward_sample_passes"] == record["steps"] * BATCH
-        assert record["block_updates"] == r * (2 if mode != "entire" else 1) * frame.n_blocks
+        assert record["block_updates"] == r * frame.n_blocks  # every block once per round; all B per step
     line = format_progress(frame.history[-1])
     last = frame.history[-1]
     assert f"BlockUpdates = {last['block_updates']}" in line

@@ -126,7 +126,7 @@ def test_matches_sequential_engine(model, spawned_mlp, tmp_path, one_thread):
     for a, b in zip(frame.history, reference.history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["deviation"] == pytest.approx(b["deviation"])
         assert {k: a[k] for k in COUNTERS} == {k: b[k] for k in COUNTERS}  # summed over ranks = sequential
-    assert frame.forward_sample_passes == frame.steps * 32 and frame.block_updates == frame.steps
+    assert frame.forward_sample_passes == frame.steps * 32 and frame.block_updates * 2 == frame.steps  # K = 2
     # each round, every active block's parameters and buffers travel to the one other rank
     payload = [sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
                for block in frame.center_model.blocks]

@@ -99,7 +99,7 @@ class Frame:
     round: int = 0
     steps: int = 0
     samples: int = 0
-    block_updates: int = 0  # sum over optimiser steps of the blocks each step changed
+    block_updates: int = 0  # block-sized updates of the centre: B per entire-model step, 1 per block per round
     forward_sample_passes: int = 0  # samples pushed through a forward pass of the model while training
     backward_sample_passes: int = 0  # samples pushed back through a backward pass while training
     history: list[dict[str, Any]] = field(default_factory=list)

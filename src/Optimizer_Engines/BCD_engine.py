@@ -70,7 +70,8 @@ def blockwise_round(frame: Disributed_frame, round_index: int) -> float:
     blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"])
     batches = round_batches(frame, round_index)
     dev = BLOCK_UPDATES[H["block_update"]](frame, blocks, batches)
-    count_step(frame, batches.stream.batch_size, 1, steps=len(blocks) * H["K"], new_samples=batches.samples)
+    count_step(frame, batches.stream.batch_size, len(blocks), steps=len(blocks) * H["K"],
+               new_samples=batches.samples)
     return dev
 
 

@@ -15,9 +15,9 @@ and one round is:
 
 The centre is identical on every rank after each round. Rank 0 holds the real Frame (reporter, plugins) and runs
 ``training_loop`` with a distributed ``step``, so logging, measurements and stoppers follow the sequential
-schedule. Its counters are the global ones: ``steps`` (and the block updates and sample-passes of
-``loop.count_step``) are the sum over ranks of the local steps each took, summed in the round's ``all_reduce``
-(active blocks × K per round, as in the sequential engine); ``timers['compute']`` is the
+schedule. Its counters are the global ones: ``steps`` (and the sample-passes of ``loop.count_step``) are the
+sum over ranks of the local steps each took, summed in the round's ``all_reduce`` (active blocks × K per round, as
+in the sequential engine), and every active block is one block update; ``timers['compute']`` is the
 *slowest* rank's compute time of each round and ``timers['communication']`` the rest of rank 0's round time
 (waiting, collectives, delay, scatter), so the two add up to the round's wall time; ``bytes_sent`` counts block
 payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) bytes per round, are left out).
@@ -161,7 +161,7 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     frame.timers["compute"] += slowest
     frame.timers["communication"] += max(0.0, time.perf_counter() - started - slowest)
     frame.bytes_sent += sent
-    count_step(frame, batches.stream.batch_size, 1, steps=round(stats[1]), new_samples=batches.samples)
+    count_step(frame, batches.stream.batch_size, len(blocks), steps=round(stats[1]), new_samples=batches.samples)
     return math.sqrt(stats[0])
 
 

@@ -80,21 +80,23 @@ def round_batches(frame: Frame, round_index: int) -> RoundBatches:
     return batches
 
 
-def count_step(frame: Frame, samples: int, blocks_updated: int, *, steps: int = 1, new_samples: int = 0) -> None:
+def count_step(frame: Frame, samples: int, block_updates: int, *, steps: int = 1, new_samples: int = 0) -> None:
     """Count training compute the same way in every engine; call it wherever optimiser steps are taken.
 
     Adds ``steps`` optimiser steps, each on a mini-batch of ``samples`` samples that went through one forward and
-    one backward pass of the model and changed ``blocks_updated`` blocks (the whole model: ``frame.n_blocks``; a
-    block-local step: 1). A block-local step still runs the forward through the whole model, so it costs a full
-    forward pass of its samples; its backward stops at the block's first layer but is counted as one backward
-    pass. ``new_samples`` (default 0) is added to ``frame.samples``, the training samples drawn from the data:
-    Jacobi blocks that share a round's batches count those samples once.
+    one backward pass of the model, and ``block_updates`` block updates of the centre model: one block's new values
+    entering the centre (an entire-model step updates all ``frame.n_blocks``; a block's K local steps, gathered
+    once, are one). A block-local step still runs the forward through the whole model, so it costs a full forward
+    pass of its samples; its backward stops at the block's first layer but is counted as one backward pass.
+    ``new_samples`` (default 0) is added to ``frame.samples``, the training samples drawn from the data: Jacobi
+    blocks that share a round's batches count those samples once.
 
     Example: entire training, ``count_step(frame, len(y), frame.n_blocks, new_samples=len(y))`` per step; a
-    block-wise round, ``count_step(frame, batch_size, 1, steps=len(blocks) * K, new_samples=K * batch_size)``.
+    block-wise round over active ``blocks``,
+    ``count_step(frame, batch_size, len(blocks), steps=len(blocks) * K, new_samples=K * batch_size)``.
     """
     frame.steps += steps
-    frame.block_updates += steps * blocks_updated
+    frame.block_updates += block_updates
     frame.forward_sample_passes += steps * samples
     frame.backward_sample_passes += steps * samples
     frame.samples += new_samples
