@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "report_sampling_rate": 10,  # rounds between progress checks (0 = only at start and end)
     "measurement_sampling_rate": 399,  # rounds between measurements, plus one at the end (0 = never, 1 = every round)
     "eval_samples": 2048,  # samples of the big training batch and of the test split used per progress check
+    "plot_x": "samples",  # x-axis of the training curve: samples | round | steps | forward_sample_passes | wall_time
     "units_file": "",  # plugin list ("" = measurements/Units.txt)
     "output_root": "",  # folder that holds reports/, figures/, measurements/ ("" = the project folder)
     # --- stopping ---
@@ -107,6 +108,7 @@ from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
 from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import Paths, Reporter, format_progress  # noqa: E402
+from src.plots import X_AXES  # noqa: E402
 
 _CHOICES = {
     "block_update": tuple(BLOCK_UPDATES),
@@ -114,6 +116,7 @@ _CHOICES = {
     "model": tuple(MODELS),
     "dataset_name": tuple(DATASETS),
     "optimizer": tuple(OPTIMIZERS),
+    "plot_x": tuple(X_AXES),
 }
 _AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
              "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0,

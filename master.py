@@ -19,9 +19,13 @@ interrupted runs run again (an attempt, but not a failure). Ctrl-C / SIGTERM sto
 after ``--grace`` seconds; a second Ctrl-C kills at once) and marks them interrupted.
 
 At the end (``src/Sweeps/summary.py``): a table of the runs (printed, and written as
-``figures/sweep_summary_<sweep id>.md``) and a figure
-``figures/sweep_<sweep id>.{pdf,png}``: for a step_size × K grid the best step size per K (lowest final training
-loss; a diverged run is never the best) and its loss against rounds, otherwise the loss of every run against rounds.
+``figures/sweep_summary_<sweep id>.md``), a CSV of every run's final record (all counters and metrics,
+``figures/sweep_summary_<sweep id>.csv``), mean ± std over seeds when ``seed`` is a grid key (in the table and
+``figures/sweep_seeds_<sweep id>.csv``) and a figure ``figures/sweep_<sweep id>.{pdf,png}`` of the training loss
+against ``--plot_x`` (default: training samples): for a grid of step sizes, the best step size per setting of the
+other keys at an equal budget (the smallest that every run with a finite loss reached on that axis), with a warning
+when the best is at the edge of the grid; otherwise every setting. ``--summarize TRACKER`` rebuilds all of this for
+the finished sweep(s) of a tracker without running anything.
 
 Exit status: 0 every run done, 1 some run failed, 2 bad input (nothing started, tracker untouched), 3 another master
 holds the tracker, 130 interrupted.
@@ -43,6 +47,7 @@ if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any workin
 
 from src.cli import ConfigError, OneLineParser  # noqa: E402 - after the path fix above (imports no torch)
 from src.Optimizer_Engines.worker_pool import available_cpus  # noqa: E402 - imports no torch either
+from src.plots import X_AXES  # noqa: E402 - imports no torch (nor matplotlib) either
 
 _LIMITS = {"runs_per_gpu": (1, 1024), "cpu_slots": (1, 4096), "max_attempts": (1, 1000), "grace": (0, 86400),
            "poll_interval": (0.01, 3600)}  # flag: (lowest, highest)
@@ -64,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL on stop")
     parser.add_argument("--poll_interval", type=float, default=0.5, help="seconds between checks of the runs")
     parser.add_argument("--dry_run", action="store_true", help="print the runs and the device plan, start nothing")
+    parser.add_argument("--plot_x", default="samples", choices=list(X_AXES),
+                        help="x-axis of the sweep figure and of the equal budget for the best step size")
+    parser.add_argument("--summarize", metavar="TRACKER",
+                        help="rebuild the table, CSVs and figure of the sweep(s) in TRACKER; runs nothing")
     return parser
 
 
@@ -214,18 +223,47 @@ def execute(args: argparse.Namespace, runs: list[sw.Run], grid: dict[str, list],
     return scheduler
 
 
+def show_summary(runs: list[sw.Run], entries: dict[str, Any], grid: dict[str, list], fixed: dict[str, Any],
+                 sweep_id: str, plot_x: str) -> None:
+    """Write the end-of-sweep files and print the table, the warnings and the file names."""
+    root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
+    summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x)
+    print(summary.text, end="")
+    print(f"summary: {summary.markdown}\ncsv: {summary.csv}"
+          + (f"\nseeds csv: {summary.seeds_csv}" if summary.seeds_csv else "")
+          + f"\nfigure: {', '.join(map(str, summary.figures))}")
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """``--summarize TRACKER``: the summary of every sweep the tracker holds, from its runs' files; exits 2 on a
+    missing or invalid tracker or when other sweep flags are given too."""
+    given = [f"--{k}" for k in ("grid", "fixed", "sweep") if getattr(args, k)] + (["--dry_run"] if args.dry_run else [])
+    if given:
+        _fail(f"--summarize rebuilds a finished sweep from its tracker alone; drop {', '.join(given)}", 2)
+    tracker = Path(args.summarize)
+    if not tracker.is_file():
+        _fail(f"--summarize {str(tracker)!r}: no such tracker file (master.py writes progress_tracker.json, or the "
+              f"file given to --tracker)", 2)
+    try:
+        sweeps = sw.sweeps_in_tracker(sw.read_tracker(tracker))
+    except sw.SweepError as err:
+        _fail(f"--summarize: {err}", 2)
+    for sweep_id, (runs, entries, grid, fixed) in sweeps.items():
+        show_summary(runs, entries, grid, fixed, sweep_id, args.plot_x)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) a sweep: plan → execute → summarise; exits with the status in the module docstring."""
     args = build_parser().parse_args(argv)
+    if args.summarize is not None:
+        summarize(args)
+        return 0
     runs, grid, fixed, sweep_id, slots = plan(args)
     if args.dry_run:
         _dry_run(runs, slots, Path(args.tracker).resolve(), sweep_id)
         return 0
     scheduler = execute(args, runs, grid, fixed, sweep_id, slots)
-    root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
-    table, summary, figure = sw.write_summary(runs, scheduler.data["runs"], grid, fixed, sweep_id, root)
-    print(table, end="")
-    print(f"summary: {summary}\nfigure: {', '.join(map(str, figure))}")
+    show_summary(runs, scheduler.data["runs"], grid, fixed, sweep_id, args.plot_x)
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)

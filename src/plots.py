@@ -21,61 +21,101 @@ def pyplot():
 
 SCHEDULED = ("lr", "K", "active_share", "gamma", "pool_size")  # values a schedule can change during a run
 
+X_AXES = {"samples": "training samples", "round": "round", "steps": "optimiser steps",
+          "forward_sample_passes": "forward sample-passes", "wall_time": "wall time (s)"}
+"""The x-axes a training curve or a sweep figure can take (a metrics-record key -> axis label); the first is the
+default. Rounds are fair only between runs of one mode and one K: a block-wise round with K = 5 draws 5 times the
+samples of one with K = 1 (README: compute counters)."""
 
-def scheduled_series(history: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
-    """The schedule-driven values that changed during the run: key -> (rounds, values) as logged."""
+
+def check_x_axis(x: str) -> str:
+    """``x`` when it is a known x-axis.
+
+    Raises:
+        ValueError: naming ``x`` and the valid axes.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x-axis {x!r} is not valid; valid: {sorted(X_AXES)}")
+    return x
+
+
+def scheduled_series(history: Sequence[dict[str, Any]], x: str = "round") -> dict[str, tuple[list, list[float]]]:
+    """The schedule-driven values that changed during the run: key -> (x values, values) as logged."""
     series = {}
     for key in SCHEDULED:
-        points = [(h["round"], h[key]) for h in history if h.get(key) is not None]
+        points = [(h[x], h[key]) for h in history if h.get(key) is not None and h.get(x) is not None]
         if len({v for _, v in points}) > 1:
-            series[key] = ([r for r, _ in points], [v for _, v in points])
+            series[key] = ([p for p, _ in points], [v for _, v in points])
     return series
 
 
-def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> list[Path]:
-    """Loss and accuracy (train and test) against rounds and against wall time, and a row with the values that
-    schedules changed (learning rate; K, active_share, gamma, pool size); writes ``path`` (.pdf and .png).
+def curve_panels(history: Sequence[dict[str, Any]], x: str = "samples") -> list[dict[str, Any]]:
+    """The data behind :func:`training_curve`: one panel per (metric, x-axis), in drawing order (row by row).
+
+    Each panel: ``metric``, ``x`` (the record key on its x-axis: ``x`` on the left, wall time on the right, or the
+    round when ``x`` is the wall time), ``series`` (label -> (x values, y values), as logged; records without the
+    x key, e.g. written before that counter existed, are left out).
+    """
+    check_x_axis(x)
+    metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
+    panels = []
+    for metric in metrics:
+        for xkey in (x, "wall_time" if x != "wall_time" else "round"):
+            shown = [h for h in history if h.get(xkey) is not None]
+            panels.append({"metric": metric, "x": xkey, "series": {
+                f"{split}{metric}": ([h[xkey] for h in shown], [h[f"{prefix}{metric}"] for h in shown])
+                for split, prefix in (("train ", ""), ("test ", "test_"))}})
+    return panels
+
+
+def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "",
+                   x: str = "samples") -> list[Path]:
+    """Loss and accuracy (train and test) against ``x`` (a key of :data:`X_AXES`, default the training samples)
+    and against wall time, and a row with the values that schedules changed (learning rate; K, active_share, gamma,
+    pool size); writes ``path`` (.pdf and .png). :func:`curve_panels` gives the plotted data.
 
     Returns the files written: none when ``history`` is empty (an engine that logged no progress).
+
+    Raises:
+        ValueError: an unknown ``x``.
     """
+    panels = curve_panels(history, x)
     if not history:
         return []
     plt = pyplot()
-    metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
-    schedules = scheduled_series(history)
-    rows = len(metrics) + (1 if schedules else 0)
+    schedules = scheduled_series(history, x)
+    rows = len(panels) // 2 + (1 if schedules else 0)
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.2 * rows), squeeze=False)
-    for row, metric in enumerate(metrics):
-        for col, xkey in enumerate(("round", "wall_time")):
-            ax = axes[row][col]
-            xs = [h[xkey] for h in history]
-            ax.plot(xs, [h[metric] for h in history], label=f"train {metric}")
-            ax.plot(xs, [h[f"test_{metric}"] for h in history], label=f"test {metric}")
-            ax.set_xlabel("round" if xkey == "round" else "wall time (s)")
-            ax.set_ylabel(metric)
-            if metric == "loss" and all(h[metric] > 0 for h in history):
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend()
+    for i, panel in enumerate(panels):
+        ax = axes[i // 2][i % 2]
+        for label, (xs, ys) in panel["series"].items():
+            ax.plot(xs, ys, label=label)
+        ax.set_xlabel(X_AXES[panel["x"]])
+        ax.set_ylabel(panel["metric"])
+        if panel["metric"] == "loss" and all(isinstance(v, (int, float)) and v > 0
+                                             for _, ys in panel["series"].values() for v in ys):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
     if schedules:
-        _schedule_row(axes[-1], schedules)
+        _schedule_row(axes[-1], schedules, X_AXES[x])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def _schedule_row(axes: Any, schedules: dict[str, tuple[list[int], list[float]]]) -> None:
+def _schedule_row(axes: Any, schedules: dict[str, tuple[list, list[float]]], xlabel: str) -> None:
     """Left: the learning rate; right: the other scheduled values, each relative to its largest."""
     left, right = axes
     if "lr" in schedules:
         left.plot(*schedules["lr"], label="learning rate (first block)")
-    for key, (rounds, values) in schedules.items():
+    for key, (xs, values) in schedules.items():
         if key != "lr":
             top = max(abs(v) for v in values) or 1.0
-            right.step(rounds, [v / top for v in values], where="post", label=f"{key} / {top:g}")
+            right.step(xs, [v / top for v in values], where="post", label=f"{key} / {top:g}")
     for ax, label in ((left, "learning rate"), (right, "value / its maximum")):
-        ax.set_xlabel("round")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -2,10 +2,11 @@
 
 * **Identity.** A run id hashes the experiment — every setting that changes what is computed or recorded — and the
   text of its units file, never where it runs: :data:`PLACEMENT_KEYS` (device, folders, worker count, checkpoint
-  cadence, resume and measure-only switches) are left out, so the same experiment on another GPU or into another
-  folder keeps its id, and an edited ``Units.txt`` gets a new one. Thread counts are left out as well (the same
-  experiment on another machine keeps its id) but recorded: a trajectory is bit-reproducible only at the same
-  threads, device and library versions. ``--tag`` enters the id, for deliberate repeats.
+  cadence, resume and measure-only switches, the training curve's x-axis) are left out, so the same experiment on
+  another GPU or into another folder keeps its id, and an edited ``Units.txt`` gets a new one. Thread counts are
+  left out as well (the same experiment on another machine keeps its id) but recorded: a trajectory is
+  bit-reproducible only at the same threads, device and library versions. ``--tag`` enters the id, for deliberate
+  repeats.
 * **Record.** :func:`reproducibility_record`: argv, threads and the thread variables, host, Python / torch /
   torchvision / numpy versions, CUDA and cuDNN, git commit with a dirty flag and a hash of the diff.
 * **Claim.** :class:`RunClaim` holds an exclusive ``flock`` on ``reports/R<hash>.lock`` for the run's whole life;
@@ -32,7 +33,7 @@ import torch
 
 # settings that say where or how a run executes, not what it computes: they never change the run id
 PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_workers", "checkpoint_every", "resume",
-                  "settings_file", "measure_only")
+                  "settings_file", "measure_only", "plot_x")  # plot_x: how the curve is drawn, not what is computed
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 

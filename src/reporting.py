@@ -197,7 +197,11 @@ def format_progress(m: Mapping[str, Any]) -> str:
     parts.append(f"Test Loss = {m['test_loss']:.4g}")
     if "test_accuracy" in m:
         parts.append(f"Test Accuracy = {m['test_accuracy']:.4f}")
-    parts += [f"Steps = {m['steps']}", f"Samples = {m['samples']}", f"Time = {m['wall_time']:.2f}",
+    parts += [f"Steps = {m['steps']}", f"Samples = {m['samples']}"]
+    if "forward_sample_passes" in m:  # records written before the compute counters lack them
+        parts.append(f"BlockUpdates = {m['block_updates']}, SamplePasses = {m['forward_sample_passes']} forward"
+                     f" / {m['backward_sample_passes']} backward")
+    parts += [f"Time = {m['wall_time']:.2f}",
               f"ComputeTimeShare = {m['compute_time_share']:.2f}", f"Deviation = {m['deviation']:.4g}"]
     return f"Round {m['round']}: " + ", ".join(parts)
 

@@ -29,7 +29,7 @@ def takes_nothing():
 
 
 # The README's "Extending the framework" recipe, verbatim: a Jacobi round written from the loop's helpers.
-from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches  # noqa: E402
+from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches  # noqa: E402
 
 
 @register_engine("readme_jacobi", block_copies=True)
@@ -40,7 +40,7 @@ def train_readme_jacobi(frame, progress=None):
         batches = round_batches(frame, round_index)       # batches r·K … r·K+K−1 of the seeded order
         for b in blocks:
             local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
-        frame.steps += len(blocks) * len(batches)         # the counters every report logs
-        frame.samples += sum(len(y) for _, y in batches)
+        count_step(frame, batches.stream.batch_size, len(blocks),   # the counters every report logs
+                   steps=len(blocks) * len(batches), new_samples=batches.samples)
         return frame.communicate(blocks)                  # deviation, damped gather, delay, scatter
     return training_loop(frame, step, progress)           # logging, measurements, stoppers, checkpoints

@@ -19,6 +19,7 @@ import torch
 
 import dol1
 from src.Buliding_Units.MeasurementUnit import MeasurementUnit
+from src.Buliding_Units.Model_frames import COUNTERS
 from src.Optimizer_Engines.loop import active_blocks
 from src.Optimizer_Engines.worker_plan import TorchrunEnv, plan_workers, torchrun_env
 from src.reporting import read_report
@@ -124,6 +125,8 @@ def test_matches_sequential_engine(model, spawned_mlp, tmp_path, one_thread):
         == (6, 6 * math.ceil(frame.H["active_share"] * frame.n_blocks) * 2, 6 * 2 * 32)
     for a, b in zip(frame.history, reference.history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["deviation"] == pytest.approx(b["deviation"])
+        assert {k: a[k] for k in COUNTERS} == {k: b[k] for k in COUNTERS}  # summed over ranks = sequential
+    assert frame.forward_sample_passes == frame.steps * 32 and frame.block_updates * 2 == frame.steps  # K = 2
     # each round, every active block's parameters and buffers travel to the one other rank
     payload = [sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
                for block in frame.center_model.blocks]

@@ -282,9 +282,10 @@ def test_figure_shows_the_best_finite_step_size_per_k(tmp_path):
     runs = [run("R1", 1.0, 1, [2.3, float("nan")]), run("R2", 0.01, 1, [2.3, 0.5]), run("R3", 0.001, 1, [2.3, 2.0]),
             run("R4", 1.0, 5, [2.3, 0.1]), run("R5", 0.01, 5, [2.3, 0.3])]
     grid = {"step_size": [1.0, 0.01, 0.001], "K": [1, 5]}
-    assert [label for label, _ in master.figure_curves(runs, grid)] == [
-        "K=1, best step_size=0.01 (final 0.5)", "K=5, best step_size=1 (final 0.1)"]
-    assert master.figure_curves(runs, {"step_size": grid["step_size"]})[0][0] == "step_size=1.0, K=1 (diverged)"
+    assert [label for label, _ in master.figure_curves(runs, grid, "round")] == [
+        "K=1, best step_size=0.01 (loss 0.5 at round 1)", "K=5, best step_size=1 (loss 0.1 at round 1) [grid edge]"]
+    # records without the x-axis key (here: samples) are compared by their final loss
+    assert master.figure_curves(runs, grid)[0][0] == "K=1, best step_size=0.01 (final loss 0.5)"
     written = master.sweep_figure(runs, grid, tmp_path / "figures" / "sweep", "sweep S0")
     assert [p.suffix for p in written] == [".pdf", ".png"] and all(p.stat().st_size > 0 for p in written)
 

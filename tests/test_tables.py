@@ -139,4 +139,5 @@ def test_readme_engine_recipe_trains_like_the_sequential_jacobi_engine(tmp_path)
     reference = dol1.main(common + ["--training_mode", "blockwise_sequential", "--output_root", str(tmp_path / "b")])
     for key, value in reference.center_model.state_dict().items():
         assert torch.equal(value, ours.center_model.state_dict()[key]), key
-    assert (ours.steps, ours.samples) == (reference.steps, reference.samples) and ours.steps > 0
+    counters = ("steps", "samples", "block_updates", "forward_sample_passes", "backward_sample_passes")
+    assert [getattr(ours, k) for k in counters] == [getattr(reference, k) for k in counters] and ours.steps > 0

@@ -33,7 +33,7 @@ from src.Optimizer_Engines import registered_engine
 from src.reporting import Paths, run_id
 from src.utils import set_seed
 
-__all__ = ["FRAMES", "OPTIMIZERS", "Disributed_frame", "Frame", "ImageClassifier_frame_blockwise",
+__all__ = ["COUNTERS", "FRAMES", "OPTIMIZERS", "Disributed_frame", "Frame", "ImageClassifier_frame_blockwise",
            "ImageClassifier_frame_entire", "Paths", "Regression_frame_blockwis", "Regression_frame_entire",
            "generate_ModelFrame", "make_optimizer", "select_device"]
 
@@ -41,6 +41,10 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, H: torch.optim.Adam(params, lr=H["step_size"]),
     "sgd": lambda params, H: torch.optim.SGD(params, lr=H["step_size"], momentum=H.get("momentum", 0.9)),
 }
+
+
+COUNTERS = ("steps", "samples", "block_updates", "forward_sample_passes", "backward_sample_passes")
+"""The Frame's compute counters (kept by ``loop.count_step``), logged in every progress record and checkpointed."""
 
 
 def select_device(cuda_core: int) -> torch.device:
@@ -69,8 +73,10 @@ def make_optimizer(params: Iterable[nn.Parameter], H: Mapping[str, Any]) -> torc
 class Frame:
     """Runtime container of one run: model, data, criterion, optimiser, reporter and plugins.
 
-    Attributes set by the engines while training: ``round`` (completed rounds), ``steps`` (gradient steps,
-    one per block per local step), ``samples`` (training samples consumed), ``history`` (one metrics dict per
+    Attributes set by the engines while training: ``round`` (completed rounds), ``steps`` (optimiser steps,
+    one per block per local step), ``samples`` (training samples consumed), the compute counters
+    ``block_updates``, ``forward_sample_passes`` and ``backward_sample_passes`` (kept by
+    ``loop.count_step``; see the README's counter table), ``history`` (one metrics dict per
     progress check), ``timers`` (seconds of compute, communication, logging, measurement), ``stop_reason``.
     Run plumbing: ``checkpointer`` (writes checkpoints at round boundaries), ``interrupt`` (a signal number set by
     the script's handler: the loop checkpoints at the next round boundary and raises KeyboardInterrupt),
@@ -95,6 +101,9 @@ class Frame:
     round: int = 0
     steps: int = 0
     samples: int = 0
+    block_updates: int = 0  # block-sized updates of the centre: B per entire-model step, 1 per block per round
+    forward_sample_passes: int = 0  # samples pushed through a forward pass of the model while training
+    backward_sample_passes: int = 0  # samples pushed back through a backward pass while training
     history: list[dict[str, Any]] = field(default_factory=list)
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("compute", "communication", "logging", "measurement"), 0.0))

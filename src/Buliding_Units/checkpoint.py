@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.Buliding_Units.Model_frames import Frame
+from src.Buliding_Units.Model_frames import COUNTERS, Frame
 
 FORMAT = 1
 MAGIC = b"blockwise-checkpoint 1\n"
@@ -75,8 +75,9 @@ def frame_state(frame: Frame) -> dict[str, Any]:
     """The checkpoint payload of ``frame`` at a round boundary (the engine's ``remote_state`` adds other ranks')."""
     copies = getattr(frame, "distributed_models", {})
     state: dict[str, Any] = {
-        "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round, "steps": frame.steps,
-        "samples": frame.samples, "bytes_sent": frame.bytes_sent, "stop_reason": frame.stop_reason,
+        "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round,
+        **{key: getattr(frame, key) for key in COUNTERS}, "bytes_sent": frame.bytes_sent,
+        "stop_reason": frame.stop_reason,
         "elapsed": time.perf_counter() - frame.start_time, "timers": dict(frame.timers),
         "history": list(frame.history), "centre": frame.center_model.state_dict(),
         "optimizer": frame.optimizer.state_dict() if frame.optimizer is not None else None,
@@ -116,7 +117,9 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
         unit.load_state_dict(unit_state)
     frame.batch_cursor, frame.current_lrs = state["batch_cursor"], list(state["current_lrs"])
     frame.pool_order, frame.pool_size = state["pool_order"], None  # the next round's schedule rebuilds the pool
-    frame.round, frame.steps, frame.samples = state["round"], state["steps"], state["samples"]
+    frame.round = state["round"]
+    for key in COUNTERS:  # a checkpoint written before the sample-pass counters existed restarts those at 0
+        setattr(frame, key, state.get(key, 0))
     frame.bytes_sent, frame.stop_reason, frame.elapsed = state["bytes_sent"], state["stop_reason"], state["elapsed"]
     frame.timers.update(state["timers"])
     frame.history = list(state["history"])

@@ -313,7 +313,8 @@ def draw_training_curve(frame: Frame) -> None:
     figure = frame.paths.figures / f"training_curve_{frame.run_id}"
     try:
         drawn = training_curve(frame.history, figure,
-                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}")
+                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}",
+                               x=frame.H.get("plot_x", "samples"))
     except OSError as err:
         frame.log(f"Warning: the training curve could not be written to {figure}.pdf: {err}")
         return

@@ -19,7 +19,8 @@ from typing import Callable
 
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines import register_engine
-from src.Optimizer_Engines.loop import RoundBatches, active_blocks, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.loop import (RoundBatches, active_blocks, count_step, local_steps, round_batches, sync,
+                                        training_loop)
 
 Batches = RoundBatches
 
@@ -69,8 +70,8 @@ def blockwise_round(frame: Disributed_frame, round_index: int) -> float:
     blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"])
     batches = round_batches(frame, round_index)
     dev = BLOCK_UPDATES[H["block_update"]](frame, blocks, batches)
-    frame.steps += len(blocks) * H["K"]
-    frame.samples += batches.samples
+    count_step(frame, batches.stream.batch_size, len(blocks), steps=len(blocks) * H["K"],
+               new_samples=batches.samples)
     return dev
 
 
@@ -83,8 +84,7 @@ def entire_step(frame: Frame, round_index: int) -> float:
     frame.optimizer.step()
     sync(frame.device)
     frame.timers["compute"] += time.perf_counter() - t0
-    frame.steps += 1
-    frame.samples += len(y)
+    count_step(frame, len(y), frame.n_blocks, new_samples=len(y))
     return 0.0
 
 

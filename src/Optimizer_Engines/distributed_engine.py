@@ -15,7 +15,9 @@ and one round is:
 
 The centre is identical on every rank after each round. Rank 0 holds the real Frame (reporter, plugins) and runs
 ``training_loop`` with a distributed ``step``, so logging, measurements and stoppers follow the sequential
-schedule. Its counters are the global ones: ``steps`` += active blocks × K per round; ``timers['compute']`` is the
+schedule. Its counters are the global ones: ``steps`` (and the sample-passes of ``loop.count_step``) are the
+sum over ranks of the local steps each took, summed in the round's ``all_reduce`` (active blocks × K per round, as
+in the sequential engine), and every active block is one block update; ``timers['compute']`` is the
 *slowest* rank's compute time of each round and ``timers['communication']`` the rest of rank 0's round time
 (waiting, collectives, delay, scatter), so the two add up to the round's wall time; ``bytes_sent`` counts block
 payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) bytes per round, are left out).
@@ -50,7 +52,7 @@ from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_Mo
 from src.Optimizer_Engines import register_engine
 from src.Buliding_Units.schedules import apply_changes
 from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff, to_cpu
-from src.Optimizer_Engines.loop import active_blocks, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
 from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus,
@@ -132,10 +134,11 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     sync(frame.device)
     compute = time.perf_counter() - started
 
-    # deviation before the gather, and every rank's compute time, in one collective
-    stats = torch.zeros(1 + plan.n, dtype=torch.float64, device=state.comm_device)
+    # deviation before the gather, the local steps each rank took and every rank's compute time, in one collective
+    stats = torch.zeros(2 + plan.n, dtype=torch.float64, device=state.comm_device)
     stats[0] = frame.deviation(mine) ** 2
-    stats[1 + state.rank] = compute
+    stats[1] = len(mine) * H["K"]  # exact in float64 far beyond any run's length
+    stats[2 + state.rank] = compute
     dist.all_reduce(stats)
     stats = stats.tolist()
 
@@ -154,12 +157,11 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     frame.scatter(blocks)
     sync(frame.device)
 
-    slowest = max(stats[1:])
+    slowest = max(stats[2:])
     frame.timers["compute"] += slowest
     frame.timers["communication"] += max(0.0, time.perf_counter() - started - slowest)
     frame.bytes_sent += sent
-    frame.steps += len(blocks) * H["K"]
-    frame.samples += batches.samples
+    count_step(frame, batches.stream.batch_size, len(blocks), steps=round(stats[1]), new_samples=batches.samples)
     return math.sqrt(stats[0])
 
 

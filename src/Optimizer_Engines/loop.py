@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.Buliding_Units.Model_frames import Frame
+from src.Buliding_Units.Model_frames import COUNTERS, Frame
 from src.Buliding_Units.schedules import apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
 
@@ -80,6 +80,28 @@ def round_batches(frame: Frame, round_index: int) -> RoundBatches:
     return batches
 
 
+def count_step(frame: Frame, samples: int, block_updates: int, *, steps: int = 1, new_samples: int = 0) -> None:
+    """Count training compute the same way in every engine; call it wherever optimiser steps are taken.
+
+    Adds ``steps`` optimiser steps, each on a mini-batch of ``samples`` samples that went through one forward and
+    one backward pass of the model, and ``block_updates`` block updates of the centre model: one block's new values
+    entering the centre (an entire-model step updates all ``frame.n_blocks``; a block's K local steps, gathered
+    once, are one). A block-local step still runs the forward through the whole model, so it costs a full forward
+    pass of its samples; its backward stops at the block's first layer but is counted as one backward pass.
+    ``new_samples`` (default 0) is added to ``frame.samples``, the training samples drawn from the data: Jacobi
+    blocks that share a round's batches count those samples once.
+
+    Example: entire training, ``count_step(frame, len(y), frame.n_blocks, new_samples=len(y))`` per step; a
+    block-wise round over active ``blocks``,
+    ``count_step(frame, batch_size, len(blocks), steps=len(blocks) * K, new_samples=K * batch_size)``.
+    """
+    frame.steps += steps
+    frame.block_updates += block_updates
+    frame.forward_sample_passes += steps * samples
+    frame.backward_sample_passes += steps * samples
+    frame.samples += new_samples
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings are honest."""
     if device.type == "cuda":
@@ -126,7 +148,7 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
     train, test = evaluate(frame, "train"), evaluate(frame, "test")
     busy = frame.timers["compute"] + frame.timers["communication"]
     record: dict[str, Any] = {
-        "round": frame.round, "steps": frame.steps, "samples": frame.samples,
+        "round": frame.round, **{key: getattr(frame, key) for key in COUNTERS},
         "wall_time": time.perf_counter() - frame.start_time, **train,
         **{f"test_{k}": v for k, v in test.items()},
         "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],

@@ -4,17 +4,20 @@
 * :mod:`.tracker` — ``progress_tracker.json``, written atomically, and the lock that keeps a second master off it;
 * :mod:`.launchers` — device slots and the launchers that start, watch, stop and find runs;
 * :mod:`.scheduler` — the loop: start on free slots, watch, record outcomes, retry, adopt live runs on resume;
-* :mod:`.summary` — the end-of-sweep table and figure.
+* :mod:`.compare` — fair comparisons: equal budget, mean ± std over seeds, grid-edge warnings (pure functions);
+* :mod:`.summary` — the end-of-sweep tables, CSVs and figure; :mod:`.finished` — a finished sweep read back from its
+  tracker (``master.py --summarize``).
 
 Layer: above the engines (it runs ``dol1.py`` processes); it imports only the ground floor of ``src``.
 """
 from src.Sweeps.grid import Run, SweepError, expand, load_spec, sweep_hash, to_argv
 from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot, plan_slots, visible_gpus
 from src.Sweeps.scheduler import ENDED, STATUSES, Scheduler
-from src.Sweeps.summary import figure_curves, summary_table, sweep_figure, write_summary
+from src.Sweeps.finished import sweeps_in_tracker
+from src.Sweeps.summary import Summary, figure_curves, summary_table, sweep_figure, write_summary
 from src.Sweeps.tracker import TrackerLocked, now, read_tracker, tracker_lock
 
-__all__ = ["ENDED", "STATUSES", "Handle", "Launcher", "LocalLauncher", "Run", "Scheduler", "Slot", "SweepError",
-           "TrackerLocked", "expand", "figure_curves", "load_spec", "now", "plan_slots",
-           "read_tracker", "summary_table", "sweep_figure", "sweep_hash", "to_argv", "tracker_lock", "visible_gpus",
-           "write_summary"]
+__all__ = ["ENDED", "STATUSES", "Handle", "Launcher", "LocalLauncher", "Run", "Scheduler", "Slot", "Summary",
+           "SweepError", "TrackerLocked", "expand", "figure_curves", "load_spec", "now", "plan_slots", "read_tracker",
+           "summary_table", "sweep_figure", "sweep_hash", "sweeps_in_tracker", "to_argv", "tracker_lock",
+           "visible_gpus", "write_summary"]
