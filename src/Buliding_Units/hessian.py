@@ -42,12 +42,17 @@ class InteractionInfo:
         hvps: Hessian-vector products spent; each vector of a batched call counts as one.
         steps: (B, B) int64, Krylov steps per pair (Golub-Kahan, 2 HVPs each) and per diagonal block (block
             Lanczos, 3 HVPs each); zeros for dense.
-        converged: (B, B) bool, whether each entry met ``tol`` before ``max_steps`` (all True for dense).
+        converged: (B, B) bool, whether each entry passed its residual test before ``max_steps`` (all True for
+            dense): a singular value (eigenvalue) of the block lies within ``residual`` × estimate of the estimate,
+            and no larger value was seen. That it is the *largest* one is what the random starts make likely, not
+            certain (no Krylov method can certify that); see ``hessian_krylov``.
         method: "dense" or "krylov".
         wall_time: seconds spent in the call.
         lower_bound: True when every entry is a certified lower bound (Krylov), False when exact (dense).
         pool: "one-sided", "two-sided" (output store over the memory budget) or "none" (dense).
         calls: batched HVP calls made.
+        residual: (B, B) float64, relative residual bound δ/θ of each entry's own top Ritz value (0 for dense; inf
+            where none was formed); ``converged`` means residual <= tol.
     """
 
     hvps: int
@@ -58,6 +63,7 @@ class InteractionInfo:
     lower_bound: bool
     pool: str
     calls: int
+    residual: Tensor
 
 
 class _FlatLoss:
@@ -332,14 +338,15 @@ def _dense_route(hvp: BatchedHVP, **_unused) -> tuple[Tensor, dict]:
     count = len(hvp.block_sizes)
     return norms, dict(hvps=hvp.numel, calls=-(-hvp.numel // hvp.chunk_size), pool="none", lower_bound=False,
                        steps=torch.zeros(count, count, dtype=torch.int64),
-                       converged=torch.ones(count, count, dtype=torch.bool))
+                       converged=torch.ones(count, count, dtype=torch.bool),
+                       residual=torch.zeros(count, count, dtype=torch.float64))
 
 
 def _krylov_route(hvp: BatchedHVP, tol: float, seed: int, max_steps: int, memory_budget_mb: float) -> tuple:
     result = krylov_block_norms(hvp, hvp.block_sizes, tol=tol, seed=seed, max_steps=max_steps,
                                 store_budget_bytes=memory_budget_mb * 2**20)
     return result.norms, dict(hvps=result.hvps, calls=result.calls, pool=result.pool, lower_bound=True,
-                              steps=result.steps, converged=result.converged)
+                              steps=result.steps, converged=result.converged, residual=result.residual)
 
 
 _ROUTES = {"dense": _dense_route, "krylov": _krylov_route}
@@ -355,14 +362,15 @@ def block_interaction_norms(model: nn.Module, criterion: nn.Module, inputs: Tens
                             method: str = "auto", return_info: bool = False) -> Tensor | tuple[Tensor, InteractionInfo]:
     """Spectral norms of all Hessian blocks: S_ij = σ_max(H_ij), S_ii = max|λ|(H_ii).
 
-    ``method="krylov"`` runs batched Golub-Kahan per pair and block Lanczos per diagonal block with a pooled
-    Rayleigh-Ritz bound (see ``hessian_krylov``): every entry is a lower bound that stops when its relative change
-    stays below ``tol`` for two steps (or after ``max_steps``). ``"dense"`` builds the exact Hessian (N HVPs).
+    ``method="krylov"`` runs batched block Golub-Kahan per pair and block Lanczos per diagonal block with a pooled
+    Rayleigh-Ritz bound (see ``hessian_krylov``): every entry is a lower bound that stops once its residual bound is
+    at most ``tol`` (relative), i.e. a singular value of the block lies within ``tol`` of it (or after ``max_steps``,
+    then not converged). ``"dense"`` builds the exact Hessian (N HVPs).
     ``"auto"`` picks the cheaper by HVP count (``plan_method``). Seeded and deterministic.
 
     Args:
         model, criterion, inputs, targets: the loss ``criterion(model(inputs), targets)``; see the module docstring.
-        tol: relative-change stopping tolerance per entry.
+        tol: relative residual tolerance per entry (see ``InteractionInfo.converged``).
         seed: seed of the random start vectors.
         max_steps: cap on Krylov steps per entry.
         memory_budget_mb: working memory of one batched HVP chunk, and separately of the pooled output store.
