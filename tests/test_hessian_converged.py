@@ -29,13 +29,16 @@ def one_thread():
 @pytest.fixture(scope="module")
 def digits_batch():
     data = load_data("digits_flat", seed=0)
-    inputs, targets = data.sample_batch("train", 64, 0)
+    inputs, targets = data.sample_batch("train", 256, 0)
     return data, inputs.to(F64), targets
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"init{s}")
 def fresh_mlp(request, digits_batch):
-    """A fresh random-init ``mlp [32, 32, 32]`` (ReLU, 4 blocks, N = 4,522) on 64 digits, with its exact norms."""
+    """A fresh random-init ``mlp [32, 32, 32]`` (ReLU, 4 blocks, N = 4,522) on 256 digits, with its exact norms.
+
+    On these, the old rule flagged entries 2.5e-2 and 2.9e-2 off as converged (init 0 at tol 1e-2, init 1 at 1e-3).
+    """
     data, inputs, targets = digits_batch
     torch.manual_seed(request.param)
     model = build_model("mlp", [32, 32, 32], data.input_shape, data.output_dim).to(F64).eval()

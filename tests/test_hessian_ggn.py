@@ -95,7 +95,8 @@ def test_ggn_equals_hessian_when_outputs_are_linear_in_parameters():
 
     heads = Heads(list(model.blocks)).to(F64)
     generator = torch.Generator().manual_seed(3)
-    inputs, targets = torch.randn(16, 5, generator=generator, dtype=F64), torch.randint(0, 3, (16,), generator=generator)
+    inputs = torch.randn(16, 5, generator=generator, dtype=F64)
+    targets = torch.randint(0, 3, (16,), generator=generator)
     criterion = nn.CrossEntropyLoss()
     ggn = exact_hessian(heads, criterion, inputs, targets, curvature="ggn")
     assert torch.allclose(ggn, exact_hessian(heads, criterion, inputs, targets), rtol=0, atol=1e-14)

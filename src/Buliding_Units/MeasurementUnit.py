@@ -230,7 +230,8 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
     of the block lies within ``tol`` (relative) of the estimate (residual bound, logged as ``residual``).
     ``curvature="ggn"`` measures the Gauss-Newton matrix instead of the Hessian. Cost: about 4 x rounds
     Hessian-vector products per pair, batched; see the README benchmark. Writes the raw matrix in full, the
-    coupling, the products spent and per-pair convergence to ``measurements/HessianBlockInteractionMeasurement_<run id>.jsonl`` and heat-maps
+    coupling, the products spent and per-pair convergence to
+    ``measurements/HessianBlockInteractionMeasurement_<run id>.jsonl`` and heat-maps
     ``block_offdiag_eig_heatmap_NNN`` (raw) and ``block_coupling_heatmap_NNN`` under
     ``figures/Measurements/Hessian_Measurement/<run id>/`` (PDF and PNG).
     """

@@ -32,8 +32,8 @@ class InteractionInfo:
 
     Attributes:
         hvps: Hessian-vector products spent; each vector of a batched call counts as one.
-        steps: (B, B) int64, Krylov steps per pair (Golub-Kahan, 2 HVPs each) and per diagonal block (block
-            Lanczos, 3 HVPs each); zeros for dense.
+        steps: (B, B) int64, Krylov rounds per pair (block Golub-Kahan, 4 HVPs each) and per diagonal block
+            (block Lanczos, 3 HVPs each); zeros for dense.
         converged: (B, B) bool, whether each entry passed its residual test before ``max_steps`` (all True for
             dense): a singular value (eigenvalue) of the block lies within ``residual`` × estimate of the estimate,
             and no larger value was seen. That it is the *largest* one is what the random starts make likely, not

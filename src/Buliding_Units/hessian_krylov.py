@@ -4,24 +4,29 @@ Only needs a batched HVP, V (m, N) -> H V (m, N). Algorithm (costs and measureme
 "All-pairs block norms"):
 
 - A probe supported on block j returns H_ij v for every block i at once, and H_ji = H_ijᵀ, so only pairs i < j.
-- Pair (i, j): Golub-Kahan bidiagonalisation of A = H_ij with full reorthogonalisation. Call A of a round applies
-  v_t (block j) and reads A v_t -> u_t; call B applies u_t (block i) and reads Aᵀ u_t -> v_{t+1}: 2 HVPs per step.
-  (A Rayleigh quotient on the dilation [[0, A], [Aᵀ, 0]] does not converge to σ: its eigenvalues come in ±σ pairs.)
+- Pair (i, j): block Golub-Kahan bidiagonalisation of A = H_ij, width 2, with full reorthogonalisation. Call A of a
+  round applies the new V rows (block j) and reads A V -> new U rows; call B applies the new U rows (block i) and
+  reads Aᵀ U -> new V rows: 4 HVPs per round. Width 1 stopped on the second singular value of a fresh MLP's pair
+  whose top two were 4 % apart (issue 13). (A Rayleigh quotient on the dilation [[0, A], [Aᵀ, 0]] does not converge
+  to σ: its eigenvalues come in ±σ pairs.)
 - Diagonal block b: block Lanczos on H_bb (3 vectors a step, full reorthogonalisation) in call A. Width 1 stalled
   for many steps on a block whose two top eigenvalues were 1 % apart (1.3 % error at tol 1e-2 in
   bench/bench_hessian.py); width 3 resolves such clusters for 3 HVPs per block and step, little next to the pairs.
-- Round 1 shares one random start per block: the start on block j is v_1 of every pair (., j) and the first Lanczos
-  start of block j.
+- Round 1 shares the random starts per block: the first two Lanczos starts of block j are V_1 of every pair (., j).
 - Every probe applied on block b joins b's pool (CGS2 basis Q_b, P_b = Q_b T_b; a probe less than 0.1 % new is left
   out to keep T_b well conditioned). The outputs give, for free: the one-sided bound
   σ_max(H_ij Q_j)² = λ_max(T_j⁻ᵀ G T_j⁻¹), G = (H_ij P_j)ᵀ(H_ij P_j), from the stored outputs, and the same with Q_i
   for H_ji; when the stored outputs would exceed the budget, the two-sided bound
   σ_max(Q_iᵀ H_ij Q_j) = σ_max(T_i⁻ᵀ K_ij T_j⁻¹), K = Pᵀ H P, which needs only the probes;
   diagonal bound max|λ(Q_bᵀ H_bb Q_b)|.
-- The pair's own Krylov bound σ_max(Uᵀ A V) comes from the reorthogonalisation coefficients (a diagonal block's
-  Lanczos space is in its pool). Each estimate is the running maximum of these bounds: it never decreases and is at
-  most the true value (up to rounding). It stops when it changed by at most tol (relative) in two consecutive steps,
-  at a Krylov breakdown (then exact) or at max_steps.
+- The own Ritz value θ (σ_max(Uᵀ A V) from the reorthogonalisation coefficients; max|λ| of the diagonal block's
+  Lanczos matrix) and its residual δ = ‖[A v - θ u; Aᵀ u - θ v]‖/√2 (‖H x - θ x‖): the dilation (H_ii) has an
+  eigenvalue within δ of θ, so A has a singular value there. Each estimate is the running maximum of all the bounds:
+  it never decreases and is at most the true value (up to rounding). An entry stops, converged, after at least
+  _MIN_STEPS rounds once δ <= tol·θ and the estimate lies in [θ - δ, θ + δ] (else a larger value exists and the
+  Krylov space has not found it): then the estimate is within tol of a singular value of its block. That this is
+  the largest one is likely with random starts, not certain. It also stops at a Krylov breakdown (exact) and,
+  unconverged, at max_steps.
 """
 from __future__ import annotations
 
