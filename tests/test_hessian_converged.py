@@ -110,3 +110,17 @@ def test_costs_are_reported_and_bounded(fresh_mlp):
     n_params = sum(block_sizes(model))
     assert info.hvps == int(info.hvps) and 0 < info.hvps < n_params / 10
     assert (info.steps >= 3).all()  # the minimum number of rounds
+
+
+def test_exactly_zero_pair_converges_at_zero():
+    """Blocks 0 and 1 do not interact (H_01 = 0): the entry is 0, converged, with a zero residual."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [5, 7, 4]
+    H = torch.randn(16, 16, generator=generator, dtype=F64)
+    H = H + H.mT
+    H[:5, 5:12] = 0
+    H[5:12, :5] = 0
+    result = krylov_block_norms(lambda v: v @ H, sizes, tol=1e-10, dtype=F64)
+    exact = block_spectral_norms(H, sizes)
+    assert result.norms[0, 1] == 0 and result.converged.all() and result.residual[0, 1] == 0
+    torch.testing.assert_close(result.norms, exact, rtol=1e-8, atol=1e-12)

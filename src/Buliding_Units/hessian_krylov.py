@@ -97,8 +97,8 @@ class _Item:
                 return 0.0, math.inf
             top = int(values.abs().argmax())
             return float(values[top].abs()), float(residuals[top])
-        if not self.backward:
-            return 0.0, math.inf
+        if not self.backward:  # no U: A V = 0 exactly, so 0 is a singular value (exact); else not formed yet
+            return (0.0, 0.0) if self.forward and self.left.n == 0 else (0.0, math.inf)
         return singular_ritz(padded(self.forward, self.left.n), padded(self.backward, self.right.n))
 
     def exhausted(self) -> bool:
