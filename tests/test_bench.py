@@ -10,11 +10,15 @@ import bench_hessian  # noqa: E402
 
 
 def test_bench_hessian_smoke(capsys):
-    bench_hessian.main(["--width", "4", "--depth", "2", "--batch", "16", "--train-steps", "2", "--power-steps", "5",
-                        "--threads", "1"])
+    bench_hessian.main(["--quick", "--threads", "1"])
     out = capsys.readouterr().out
     assert "naive power" in out and "dense exact" in out and "ours" in out
     assert re.search(r"\| \(c\) ours.*\|", out)
+    matched = re.search(r"\| \(c\*\) ours at matched accuracy.*", out).group(0).split("|")
+    naive = re.search(r"\| \(a\) naive power.*", out).group(0).split("|")
+    assert float(matched[4]) <= float(naive[4])  # the matched row's max error is at most the naive one's
+    assert "PyHessian-style power iteration" in out and "ours, spectrum" in out
+    assert "ResNet-18: skipped" in out
 
 
 def test_bench_engines_tables():

@@ -9,6 +9,7 @@ share or overwrite a file. A unit's constructor takes keyword arguments only; ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from src.Buliding_Units import hessian
+from src.Buliding_Units.hessian_spectrum import curvature_spectrum
 from src.plots import heatmap
 from src.reporting import archive_existing, json_line
 
@@ -224,38 +226,95 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
     Off the diagonal S_ij = sigma_max(H_ij); on it S_ii = max|lambda|(H_ii); also the scale-free coupling
     C_ij = S_ij / sqrt(S_ii S_jj). Batched Golub-Kahan / Lanczos with pooled Rayleigh-Ritz: every Krylov entry is a
     certified lower bound, stopping at relative tolerance ``tol`` (``max_steps`` cap); tiny models get the exact
-    dense Hessian instead when that costs fewer products (``method="auto"``). Cost: about 2 x steps Hessian-vector
-    products per pair, batched; see the README benchmark. Writes the raw matrix in full, the coupling, the products
-    spent and per-pair convergence to ``measurements/HessianBlockInteractionMeasurement_<run id>.jsonl`` and heat-maps
+    dense Hessian instead when that costs fewer products (``method="auto"``). ``converged`` per entry: a singular value
+    of the block lies within ``tol`` (relative) of the estimate (residual bound, logged as ``residual``).
+    ``curvature="ggn"`` measures the Gauss-Newton matrix instead of the Hessian. Cost: about 4 x rounds
+    Hessian-vector products per pair, batched; see the README benchmark. Writes the raw matrix in full, the
+    coupling, the products spent and per-pair convergence to
+    ``measurements/HessianBlockInteractionMeasurement_<run id>.jsonl`` and heat-maps
     ``block_offdiag_eig_heatmap_NNN`` (raw) and ``block_coupling_heatmap_NNN`` under
     ``figures/Measurements/Hessian_Measurement/<run id>/`` (PDF and PNG).
     """
 
     def __init__(self, tol: float = 1e-2, max_steps: int = 50, method: str = "auto", memory_budget_mb: float = 256,
-                 batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
+                 batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0,
+                 curvature: str = "hessian") -> None:
         super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
         if tol <= 0 or int(max_steps) != max_steps or max_steps < 1:
             raise ValueError(f"need tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(f"unknown method {method!r}; valid: ['auto', 'dense', 'krylov']")
+        _check_curvature(curvature)
         self.tol, self.max_steps, self.method, self.memory_budget_mb = float(tol), int(max_steps), method, \
             float(memory_budget_mb)
+        self.curvature = curvature
 
     def config(self) -> dict[str, Any]:
         return {"tol": self.tol, "max_steps": self.max_steps, "method": self.method,
-                "memory_budget_mb": self.memory_budget_mb, **super().config()}
+                "memory_budget_mb": self.memory_budget_mb, **super().config(), "curvature": self.curvature}
 
     def measure(self, frame: Any) -> dict[str, Any]:
         model, inputs, targets = self._problem(frame)
         norms, info = hessian.block_interaction_norms(
             model, frame.criterion, inputs, targets, tol=self.tol, seed=self.seed, max_steps=self.max_steps,
-            memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True)
+            memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True, curvature=self.curvature)
         coupling = hessian.normalised_coupling(norms)
         figures = self._figures(frame, {
             "block_offdiag_eig_heatmap": (norms, "Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm"),
             "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")})
-        return {"method": info.method, "hvps": info.hvps, "batched_calls": info.calls,
+        return {"method": info.method, "curvature": self.curvature, "hvps": info.hvps, "batched_calls": info.calls,
                 "wall_time": info.wall_time, "lower_bound": info.lower_bound,
                 "block_sizes": hessian.block_sizes(model), "norms": norms.tolist(),
                 "coupling": [[None if v != v else v for v in row] for row in coupling.tolist()],
-                "steps": info.steps.tolist(), "converged": info.converged.tolist(), "figures": figures}
+                "steps": info.steps.tolist(), "converged": info.converged.tolist(), "tol": self.tol,
+                "residual": info.residual.tolist(),
+                "figures": figures}
+
+
+def _check_curvature(curvature: str) -> None:
+    if curvature not in hessian.CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; valid: {sorted(hessian.CURVATURES)}")
+
+
+def _positive_int(name: str, value: Any, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
+class HessianSpectrumMeasurement(_HessianUnit):
+    """Global curvature beside the block picture: the top-k eigenvalues and the trace of the whole Hessian, and
+    each diagonal block's largest eigenvalue and trace, in one record.
+
+    Block Lanczos on batched Hessian-vector products (residual test at relative ``tol``, ``max_steps`` cap) and
+    Hutchinson's trace estimate with ``trace_probes`` Rademacher probes and its standard error; see
+    ``hessian_spectrum``. ``curvature="ggn"`` measures the Gauss-Newton matrix. Cost: (k + 1 + 2B) products per
+    Lanczos round plus ``trace_probes``, batched. Writes ``measurements/HessianSpectrumMeasurement_<run id>.jsonl``.
+    """
+
+    def __init__(self, k: int = 3, tol: float = 1e-3, max_steps: int = 100, trace_probes: int = 64,
+                 curvature: str = "hessian", memory_budget_mb: float = 256, batch_size: int = 256,
+                 mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
+        if not tol > 0 or memory_budget_mb <= 0:
+            raise ValueError(f"need tol > 0 and memory_budget_mb > 0, got tol={tol}, "
+                             f"memory_budget_mb={memory_budget_mb}")
+        _check_curvature(curvature)
+        self.k, self.max_steps = _positive_int("k", k), _positive_int("max_steps", max_steps)
+        self.trace_probes = _positive_int("trace_probes", trace_probes, least=2)
+        self.tol, self.curvature, self.memory_budget_mb = float(tol), curvature, float(memory_budget_mb)
+
+    def config(self) -> dict[str, Any]:
+        return {"k": self.k, "tol": self.tol, "max_steps": self.max_steps, "trace_probes": self.trace_probes,
+                "curvature": self.curvature, "memory_budget_mb": self.memory_budget_mb, **super().config()}
+
+    def measure(self, frame: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        model, inputs, targets = self._problem(frame)
+        result = curvature_spectrum(model, frame.criterion, inputs, targets, k=self.k, tol=self.tol,
+                                    max_steps=self.max_steps, trace_probes=self.trace_probes, seed=self.seed,
+                                    memory_budget_mb=self.memory_budget_mb, curvature=self.curvature)
+        record = {"curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "samples": len(inputs),
+                  "tol": self.tol, "block_sizes": hessian.block_sizes(model), **dataclasses.asdict(result)}
+        record["batched_calls"] = record.pop("calls")
+        return {**record, "wall_time": time.perf_counter() - start}

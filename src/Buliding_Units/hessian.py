@@ -16,23 +16,15 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
 
 from .hessian_krylov import TYPICAL_STEPS, krylov_block_norms, krylov_hvp_cost
+from .hessian_products import CURVATURES, BatchedHVP, FlatLoss, check_deterministic, make_batched_hvp  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-# Heuristic working memory of one probe in a batched HVP, in copies of the parameters and of the activations
-# (forward tangent, backward cotangent and their products); only used to size the chunks.
-_PARAM_COPIES = 4
-_ACTIVATION_COPIES = 4
-
 
 @dataclass
 class InteractionInfo:
@@ -40,14 +32,19 @@ class InteractionInfo:
 
     Attributes:
         hvps: Hessian-vector products spent; each vector of a batched call counts as one.
-        steps: (B, B) int64, Krylov steps per pair (Golub-Kahan, 2 HVPs each) and per diagonal block (block
-            Lanczos, 3 HVPs each); zeros for dense.
-        converged: (B, B) bool, whether each entry met ``tol`` before ``max_steps`` (all True for dense).
+        steps: (B, B) int64, Krylov rounds per pair (block Golub-Kahan, 4 HVPs each) and per diagonal block
+            (block Lanczos, 3 HVPs each); zeros for dense.
+        converged: (B, B) bool, whether each entry passed its residual test before ``max_steps`` (all True for
+            dense): a singular value (eigenvalue) of the block lies within ``residual`` × estimate of the estimate,
+            and no larger value was seen. That it is the *largest* one is what the random starts make likely, not
+            certain (no Krylov method can certify that); see ``hessian_krylov``.
         method: "dense" or "krylov".
         wall_time: seconds spent in the call.
         lower_bound: True when every entry is a certified lower bound (Krylov), False when exact (dense).
         pool: "one-sided", "two-sided" (output store over the memory budget) or "none" (dense).
         calls: batched HVP calls made.
+        residual: (B, B) float64, relative residual bound δ/θ of each entry's own top Ritz value (0 for dense; inf
+            where none was formed); ``converged`` means residual <= tol.
     """
 
     hvps: int
@@ -58,161 +55,7 @@ class InteractionInfo:
     lower_bound: bool
     pool: str
     calls: int
-
-
-class _FlatLoss:
-    """The loss as a function of the flat vector of block parameters, evaluated on detached copies."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, inputs: Tensor, targets: Tensor) -> None:
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"expected a model with an nn.ModuleList attribute 'blocks', got {type(blocks).__name__}")
-        name_of = {id(p): name for name, p in model.named_parameters()}
-        self.names: list[str] = []
-        self.block_sizes: list[int] = []
-        in_blocks: set[str] = set()
-        for index, block in enumerate(blocks):
-            size = 0
-            for p in block.parameters():
-                if name_of[id(p)] in in_blocks:
-                    raise ValueError(f"parameter {name_of[id(p)]!r} is shared between blocks (block {index} again)")
-                self.names.append(name_of[id(p)])
-                in_blocks.add(name_of[id(p)])
-                size += p.numel()
-            self.block_sizes.append(size)
-        params = dict(model.named_parameters())
-        if not self.names:
-            raise ValueError("the model's blocks hold no parameters")
-        self.shapes = [params[n].shape for n in self.names]
-        self.numels = [params[n].numel() for n in self.names]
-        self.p0 = torch.cat([params[n].detach().reshape(-1) for n in self.names]).clone()
-        self.fixed = {n: p.detach() for n, p in params.items() if n not in in_blocks}
-        # Clones: a train-mode BatchNorm updates its running statistics in place.
-        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        self.model, self.criterion, self.inputs, self.targets = model, criterion, inputs, targets
-
-    def __call__(self, flat: Tensor) -> Tensor:
-        params = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
-        outputs = functional_call(self.model, {**self.fixed, **self.buffers, **params}, (self.inputs,))
-        return self.criterion(outputs, self.targets)
-
-    def activation_numel(self) -> int:
-        """Number of activation entries of one forward pass (outputs of leaf modules), for memory sizing."""
-        counts = [self.inputs.numel()]
-
-        def hook(_module, _args, output):
-            if isinstance(output, Tensor):
-                counts.append(output.numel())
-
-        handles = [m.register_forward_hook(hook) for m in self.model.modules() if not list(m.children())]
-        try:
-            with torch.no_grad():
-                self(self.p0)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return sum(counts)
-
-
-def _hvp_backend(model: nn.Module) -> str:
-    """The HVP implementation the model's mode allows: train-mode BatchNorm updates buffers, which vmap refuses."""
-    train_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-                   for m in model.modules())
-    return "autograd" if train_bn else "func"
-
-
-def _check_deterministic(flat: _FlatLoss) -> None:
-    """Refuse a random forward pass (dropout in train mode...): Krylov methods need H v to be a function of v."""
-    with torch.no_grad():
-        first, second = flat(flat.p0), flat(flat.p0)
-    if (first - second).abs() > 1e-5 * first.abs():  # slack for non-deterministic GPU kernels
-        raise ValueError(f"two evaluations of the loss at the same parameters differ ({first.item():.6g} vs "
-                         f"{second.item():.6g}): the forward pass is random (dropout in train mode?); call "
-                         "model.eval() before measuring")
-
-
-def _func_hvp(flat: _FlatLoss) -> Callable[[Tensor], Tensor]:
-    grad_fn = grad(flat)
-    p0 = flat.p0
-    return vmap(lambda v: jvp(grad_fn, (p0,), (v,))[1])
-
-
-def _autograd_hvp(flat: _FlatLoss) -> Callable[[Tensor], Tensor]:
-    # One graph of the gradient, reused by every call (is_grads_batched vmaps the double backward).
-    p = flat.p0.clone().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(flat(p), p, create_graph=True)
-    if not g.requires_grad:  # the gradient does not depend on the parameters: H = 0
-        return torch.zeros_like
-    return lambda vs: torch.autograd.grad(g, p, vs, is_grads_batched=True, retain_graph=True)[0]
-
-
-_HVP_BACKENDS = {"func": _func_hvp, "autograd": _autograd_hvp}
-
-
-@dataclass
-class BatchedHVP:
-    """Maps probes V (m, N) to H V (m, N), in chunks of at most ``chunk_size`` probes per call."""
-
-    raw: Callable[[Tensor], Tensor]
-    block_sizes: list[int]
-    chunk_size: int
-    backend: str
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def numel(self) -> int:
-        """N, the length of the flat parameter vector."""
-        return sum(self.block_sizes)
-
-    def __call__(self, probes: Tensor) -> Tensor:
-        if probes.ndim != 2 or probes.shape[1] != self.numel:
-            raise ValueError(f"expected probes of shape (m, {self.numel}), got {tuple(probes.shape)}")
-        chunks = probes.to(self.dtype).split(self.chunk_size)
-        with torch.enable_grad():
-            return torch.cat([self.raw(chunk).detach() for chunk in chunks])
-
-
-def make_batched_hvp(model: nn.Module, criterion: nn.Module, inputs: Tensor, targets: Tensor,
-                     memory_budget_mb: float = 256) -> BatchedHVP:
-    """Build the batched Hessian-vector product of the loss at the model's current parameters (built once).
-
-    Args:
-        model: network with an ``nn.ModuleList`` ``blocks``; used in its current train/eval mode, left unchanged.
-        criterion: loss module with mean reduction.
-        inputs, targets: the fixed batch.
-        memory_budget_mb: working memory allowed for one chunk of probes (heuristic estimate).
-
-    Returns:
-        A ``BatchedHVP``; calling it on V (m, N) returns H V (m, N) in the parameters' dtype.
-
-    Raises:
-        ValueError: no ``blocks`` ModuleList, a random forward pass, or inside ``torch.inference_mode``.
-    """
-    if memory_budget_mb <= 0:
-        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
-    if torch.is_inference_mode_enabled():
-        raise ValueError("Hessian-vector products need autograd: call outside torch.inference_mode()")
-    backend = _hvp_backend(model)
-    flat = _FlatLoss(model, criterion, inputs, targets)
-    _check_deterministic(flat)
-    per_probe = flat.p0.element_size() * (_PARAM_COPIES * flat.p0.numel()
-                                          + _ACTIVATION_COPIES * flat.activation_numel())
-    chunk = max(1, int(memory_budget_mb * 2**20 // per_probe))
-    raw = _HVP_BACKENDS[backend](flat)
-    if backend == "func":
-        try:  # a trial probe: some losses lack forward-over-reverse support
-            with torch.enable_grad(), warnings.catch_warnings():
-                # torch registers its jvp decompositions with torch.jit.script on the first jvp, which warns that
-                # jit.script is deprecated: torch's own internals, nothing a user can act on
-                warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-                raw(torch.ones(1, flat.p0.numel(), dtype=flat.p0.dtype, device=flat.p0.device))
-        except RuntimeError as err:  # torch 2.14: mse_loss (mean) hits "ZeroTensors are immutable"; huber_loss
-            logger.info("vmap(jvp(grad)) failed (%s); using torch.autograd with is_grads_batched", err)
-            backend = "autograd"
-            raw = _autograd_hvp(flat)
-    return BatchedHVP(raw, flat.block_sizes, chunk, backend, flat.p0.dtype, flat.p0.device)
+    residual: Tensor
 
 
 def block_sizes(model: nn.Module) -> list[int]:
@@ -236,16 +79,16 @@ def _dense_hessian(hvp: BatchedHVP) -> Tensor:
 
 
 def exact_hessian(model: nn.Module, criterion: nn.Module, inputs: Tensor, targets: Tensor,
-                  memory_budget_mb: float = 256) -> Tensor:
+                  memory_budget_mb: float = 256, curvature: str = "hessian") -> Tensor:
     """Dense Hessian of the loss w.r.t. the flat block parameters: N batched HVPs on the unit vectors.
 
     Forward-over-reverse (``vmap(jvp(grad))``, i.e. ``jacfwd(jacrev)``) in chunks sized by ``memory_budget_mb``,
-    then symmetrised, (H + Hᵀ)/2.
+    then symmetrised, (H + Hᵀ)/2. ``curvature="ggn"`` gives the dense Gauss-Newton matrix instead.
 
     Returns:
         (N, N) tensor in the parameters' dtype, on their device.
     """
-    return _dense_hessian(make_batched_hvp(model, criterion, inputs, targets, memory_budget_mb))
+    return _dense_hessian(make_batched_hvp(model, criterion, inputs, targets, memory_budget_mb, curvature))
 
 
 def finite_difference_hessian(model: nn.Module, criterion: nn.Module, inputs: Tensor, targets: Tensor,
@@ -268,9 +111,9 @@ def finite_difference_hessian(model: nn.Module, criterion: nn.Module, inputs: Te
     def to64(t: Tensor) -> Tensor:
         return t.to(torch.float64) if t.is_floating_point() else t
 
-    flat = _FlatLoss(copy.deepcopy(model).to(torch.float64), copy.deepcopy(criterion).to(torch.float64),
+    flat = FlatLoss(copy.deepcopy(model).to(torch.float64), copy.deepcopy(criterion).to(torch.float64),
                      to64(inputs), to64(targets))
-    _check_deterministic(flat)
+    check_deterministic(flat)
 
     def gradient(point: Tensor) -> Tensor:
         point = point.clone().requires_grad_(True)
@@ -332,14 +175,15 @@ def _dense_route(hvp: BatchedHVP, **_unused) -> tuple[Tensor, dict]:
     count = len(hvp.block_sizes)
     return norms, dict(hvps=hvp.numel, calls=-(-hvp.numel // hvp.chunk_size), pool="none", lower_bound=False,
                        steps=torch.zeros(count, count, dtype=torch.int64),
-                       converged=torch.ones(count, count, dtype=torch.bool))
+                       converged=torch.ones(count, count, dtype=torch.bool),
+                       residual=torch.zeros(count, count, dtype=torch.float64))
 
 
 def _krylov_route(hvp: BatchedHVP, tol: float, seed: int, max_steps: int, memory_budget_mb: float) -> tuple:
     result = krylov_block_norms(hvp, hvp.block_sizes, tol=tol, seed=seed, max_steps=max_steps,
                                 store_budget_bytes=memory_budget_mb * 2**20)
     return result.norms, dict(hvps=result.hvps, calls=result.calls, pool=result.pool, lower_bound=True,
-                              steps=result.steps, converged=result.converged)
+                              steps=result.steps, converged=result.converged, residual=result.residual)
 
 
 _ROUTES = {"dense": _dense_route, "krylov": _krylov_route}
@@ -352,35 +196,39 @@ def plan_method(n_params: int, block_sizes: list[int]) -> str:
 
 def block_interaction_norms(model: nn.Module, criterion: nn.Module, inputs: Tensor, targets: Tensor,
                             tol: float = 1e-2, seed: int = 0, max_steps: int = 50, memory_budget_mb: float = 256,
-                            method: str = "auto", return_info: bool = False) -> Tensor | tuple[Tensor, InteractionInfo]:
+                            method: str = "auto", return_info: bool = False,
+                            curvature: str = "hessian") -> Tensor | tuple[Tensor, InteractionInfo]:
     """Spectral norms of all Hessian blocks: S_ij = σ_max(H_ij), S_ii = max|λ|(H_ii).
 
-    ``method="krylov"`` runs batched Golub-Kahan per pair and block Lanczos per diagonal block with a pooled
-    Rayleigh-Ritz bound (see ``hessian_krylov``): every entry is a lower bound that stops when its relative change
-    stays below ``tol`` for two steps (or after ``max_steps``). ``"dense"`` builds the exact Hessian (N HVPs).
+    ``method="krylov"`` runs batched block Golub-Kahan per pair and block Lanczos per diagonal block with a pooled
+    Rayleigh-Ritz bound (see ``hessian_krylov``): every entry is a lower bound that stops once its residual bound is
+    at most ``tol`` (relative), i.e. a singular value of the block lies within ``tol`` of it (or after ``max_steps``,
+    then not converged). ``"dense"`` builds the exact Hessian (N HVPs).
     ``"auto"`` picks the cheaper by HVP count (``plan_method``). Seeded and deterministic.
 
     Args:
         model, criterion, inputs, targets: the loss ``criterion(model(inputs), targets)``; see the module docstring.
-        tol: relative-change stopping tolerance per entry.
+        tol: relative residual tolerance per entry (see ``InteractionInfo.converged``).
         seed: seed of the random start vectors.
         max_steps: cap on Krylov steps per entry.
         memory_budget_mb: working memory of one batched HVP chunk, and separately of the pooled output store.
         method: "auto", "dense" or "krylov".
         return_info: also return an ``InteractionInfo``.
+        curvature: "hessian" (default) or "ggn": the same norms of the Gauss-Newton matrix's blocks.
 
     Returns:
         (B, B) symmetric float64 tensor on the CPU, and the ``InteractionInfo`` if asked.
 
     Raises:
-        ValueError: unknown method, non-positive tol/max_steps/budget, no ``blocks``, a random forward pass.
+        ValueError: unknown method or curvature, non-positive tol/max_steps/budget, no ``blocks``, a random
+            forward pass.
     """
     start = time.perf_counter()
     if method != "auto" and method not in _ROUTES:
         raise ValueError(f"unknown method {method!r}; valid: {sorted([*_ROUTES, 'auto'])}")
     if tol <= 0 or max_steps < 1:
         raise ValueError(f"need tol > 0 and max_steps >= 1, got tol={tol}, max_steps={max_steps}")
-    hvp = make_batched_hvp(model, criterion, inputs, targets, memory_budget_mb)
+    hvp = make_batched_hvp(model, criterion, inputs, targets, memory_budget_mb, curvature)
     if method == "auto":
         method = plan_method(hvp.numel, hvp.block_sizes)
     norms, stats = _ROUTES[method](hvp, tol=tol, seed=seed, max_steps=max_steps, memory_budget_mb=memory_budget_mb)
