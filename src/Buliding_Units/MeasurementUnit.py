@@ -1,9 +1,10 @@
-"""Measurement plugins: classes listed in ``measurements/Units.txt`` and run every ``measurement_sampling_rate``
-rounds and once at the end of a run.
+"""Measurement plugins: classes listed in ``measurements/Units.txt`` and run on the measurement schedule (every
+``measurement_sampling_rate`` rounds, at the ``measurement_rounds``, and once at the end of a run).
 
 Interface: ``measure(frame) -> dict`` computes a JSON-able record; ``log_measurement(frame, record)`` appends it to
-the unit's own log ``measurements/<ClassName>_<run id>.jsonl`` (one JSON object per line), so parallel runs never
-share or overwrite a file. A unit's constructor takes keyword arguments only; ``Units.txt`` passes them as
+the unit's own log ``measurements/<ClassName>_<run id>.jsonl`` (one JSON object per line, with the round; the Hessian
+units add the training samples so far), so parallel runs never share or overwrite a file; ``finish(frame)`` runs once
+after the last measurement of a run. A unit's constructor takes keyword arguments only; ``Units.txt`` passes them as
 ``key=value`` (``- HessianBlockInteractionMeasurement tol=1e-3 max_steps=30``).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from src.Buliding_Units import hessian
+from src.Buliding_Units import hessian_figures as hfig
 from src.plots import heatmap
 from src.reporting import archive_existing, json_line
 
@@ -41,6 +43,9 @@ class MeasurementUnit(ABC):
 
     def prepare(self, frame: Any) -> None:
         """Check, before training starts, that the unit can measure this frame; raise ValueError if not."""
+
+    def finish(self, frame: Any) -> None:
+        """Run once after the last measurement of a run (e.g. redraw figures on a run-wide scale)."""
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, for the report."""
@@ -140,7 +145,9 @@ class _HessianUnit(MeasurementUnit):
     disables dropout; ``"train"`` measures the batch-statistics Hessian (dropout is refused by the numerics).
     """
 
-    figure_stem = "block_heatmap"
+    norm_titles = {  # norm heat-map stem -> (title, colour-bar label)
+        "fd_block_norms_heatmap": ("finite-difference $\\|H_{ij}\\|_2$", "spectral norm"),
+        "block_offdiag_eig_heatmap": ("Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm")}
 
     def __init__(self, batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
         super().__init__()
@@ -166,20 +173,75 @@ class _HessianUnit(MeasurementUnit):
             targets = targets.to(DTYPES[self.dtype])
         return model, inputs, targets
 
-    def _figures(self, frame: Any, matrices: dict[str, torch.Tensor]) -> list[str]:
-        folder = frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
+    norm_range: list[float] | None = None  # the log-scale range of this run's norm heat-maps so far
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "norm_range": self.norm_range}
+
+    def load_state_dict(self, state: dict[str, Any], frame: Any) -> None:
+        super().load_state_dict(state, frame)
+        self.norm_range = state.get("norm_range")
+
+    def _figures(self, frame: Any, matrices: dict[str, Any], bound: dict[str, Any] | None = None,
+                 index: int | None = None) -> list[str]:
+        """Heat-maps of ``matrices`` (stem -> (matrix, title, colour-bar label)): a stem with "coupling" on the fixed
+        [0, 1] scale with the diagonal masked, the others (norms) on the run's shared log range. ``bound``: the
+        record's ``method``/``lower_bound``, for the subtitle."""
+        folder = self.figure_folder(frame)
         labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
+        subtitle = hfig.conditions(bound or {}, self.config(), frame.round)
         written = []
         for stem, (matrix, title, bar) in matrices.items():
+            coupling = "coupling" in stem
+            if not coupling:
+                self.norm_range = hfig.grow_range(self.norm_range, matrix.tolist())
             try:
-                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}", labels=labels,
-                                title=f"{title}\n{frame.run_id}, round {frame.round}", colorbar_label=bar,
-                                log_scale=stem != "block_coupling_heatmap")
+                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count if index is None else index:03d}",
+                                labels=labels, title=f"{title} ({frame.run_id})", colorbar_label=bar,
+                                scale="coupling" if coupling else "log", mask_diagonal=coupling,
+                                value_range=None if coupling else self.norm_range, subtitle=subtitle)
             except OSError as err:  # a figure that cannot be written is a warning, the numbers are still logged
                 frame.log(f"Warning: {type(self).__name__} could not write {stem}: {err}")
                 continue
             written += [str(p) for p in paths]
         return written
+
+    @staticmethod
+    def figure_folder(frame: Any) -> Path:
+        """``figures/Measurements/Hessian_Measurement/<run id>/``."""
+        return frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
+
+    def log_measurement(self, frame: Any, record: Any) -> None:
+        """Log the record with the training samples so far and its coupling summary (max, mean, top pairs), then
+        redraw ``coupling_over_training``."""
+        if not isinstance(record, dict) or record.get("coupling") is None:
+            super().log_measurement(frame, {"samples": frame.samples, **record} if isinstance(record, dict) else record)
+            return
+        super().log_measurement(frame, {"samples": frame.samples, **record, **hfig.coupling_summary(record["coupling"])})
+        records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        data = hfig.coupling_over_training(records, frame.history)
+        try:
+            hfig.draw_coupling_over_training(data, self.figure_folder(frame) / "coupling_over_training",
+                                             title=f"block coupling over training ({frame.run_id})")
+        except OSError as err:
+            frame.log(f"Warning: {type(self).__name__} could not write coupling_over_training: {err}")
+
+    def finish(self, frame: Any) -> None:
+        """Redraw this run's norm heat-maps on the final shared range (earlier ones were drawn on the range then)."""
+        if self.log_path is None or not self.log_path.exists() or self.norm_range is None:
+            return
+        for record in (json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()):
+            drawn = [Path(f).stem.rsplit("_", 1) for f in record.get("figures", []) if f.endswith(".png")]
+            drawn = [(stem, int(number)) for stem, number in drawn if stem in self.norm_titles]
+            if record.get("norms") is None:
+                continue
+            round_now, frame.round = frame.round, record["round"]
+            try:
+                for stem, index in drawn:
+                    self._figures(frame, {stem: (torch.tensor(record["norms"], dtype=torch.float64),
+                                                 *self.norm_titles[stem])}, record, index)
+            finally:
+                frame.round = round_now
 
 
 class Hessian_measurement(_HessianUnit):
@@ -213,7 +275,8 @@ class Hessian_measurement(_HessianUnit):
                                               max_params=self.max_params)
         sizes = hessian.block_sizes(model)
         norms = hessian.block_spectral_norms(H, sizes)
-        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, "finite-difference $\\|H_{ij}\\|_2$", "spectral norm")})
+        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, *self.norm_titles["fd_block_norms_heatmap"])},
+                                {"method": "finite_difference"})
         return {"method": "finite_difference", "n_params": sum(sizes), "block_sizes": sizes,
                 "norms": norms.tolist(), "wall_time": time.perf_counter() - start, "figures": figures}
 
@@ -252,8 +315,9 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
             memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True)
         coupling = hessian.normalised_coupling(norms)
         figures = self._figures(frame, {
-            "block_offdiag_eig_heatmap": (norms, "Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm"),
-            "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")})
+            "block_offdiag_eig_heatmap": (norms, *self.norm_titles["block_offdiag_eig_heatmap"]),
+            "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")},
+            {"method": info.method, "lower_bound": info.lower_bound})
         return {"method": info.method, "hvps": info.hvps, "batched_calls": info.calls,
                 "wall_time": info.wall_time, "lower_bound": info.lower_bound,
                 "block_sizes": hessian.block_sizes(model), "norms": norms.tolist(),
