@@ -21,6 +21,8 @@ from torch import nn
 
 from src.Buliding_Units import hessian
 from src.Buliding_Units import hessian_figures as hfig
+from src.Buliding_Units import memory
+from src.Buliding_Units.memory import model_bytes, optimizer_state_bytes  # noqa: F401 - public here since the seed
 from src.plots import heatmap
 from src.reporting import archive_existing, json_line
 
@@ -89,48 +91,71 @@ class MeasurementUnit(ABC):
         self.count += 1
 
 
-def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
-    """Bytes of every tensor in an optimiser's state dict (Adam: exp_avg, exp_avg_sq, step)."""
-    if optimizer is None:
-        return 0
-    return sum(_tensor_bytes(state.values()) for state in optimizer.state.values())
-
-
-def model_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of a model's parameters, buffers and gradients."""
-    return {"parameters": _tensor_bytes(model.parameters()), "buffers": _tensor_bytes(model.buffers()),
-            "gradients": _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)}
+MB = 1024.0 ** 2
 
 
 class Working_memory_usage(MeasurementUnit):
-    """Working memory of the run: parameters, buffers, gradients and optimiser state, in MB.
+    """Working memory of the run, in MB: parameters, buffers, gradients, optimiser state, and the activations autograd
+    saves — the part block-local steps reduce.
 
     Counts the centre model with its optimiser (entire mode) and every per-block copy with its block optimiser
-    (block-wise modes), each tensor's ``numel × element_size``; on CUDA also the peak allocated memory. Cost:
-    negligible (walks the tensors, no computation). Writes ``measurements/Working_memory_usage_<run id>.jsonl``.
+    (block-wise modes), each tensor's ``numel × element_size``. In the multi-process engine every rank answers
+    for itself (its centre, its copies, its scratch blocks), the record's totals sum the ranks and ``per_rank``
+    lists them. ``autograd_saved_MB``: the bytes autograd saves for backward in one full step and in each
+    block-local step (only that block trainable) on a training batch of the run's batch size, without parameters,
+    buffers and the batch itself (``autograd=False`` skips it). ``cpu_peak_rss_MB``: the peak resident memory of
+    each process so far (``getrusage``; it never resets). On CUDA ``cuda_peak_allocated_MB`` and
+    ``cuda_peak_reserved_MB`` are the peaks since the previous measurement (reset after each). Cost: B + 1 forward
+    passes for the activations; the rest walks the tensors. Writes ``measurements/Working_memory_usage_<run id>.jsonl``.
     """
 
+    def __init__(self, autograd: bool = True) -> None:
+        super().__init__()
+        self.autograd = bool(autograd)
+
+    def config(self) -> dict[str, Any]:
+        return {"autograd": self.autograd}
+
     def measure(self, frame: Any) -> dict[str, Any]:
-        mb = 1024.0 ** 2
-        centre = model_bytes(frame.center_model)
-        centre["optimizer_state"] = optimizer_state_bytes(getattr(frame, "optimizer", None))
-        replicas = getattr(frame, "distributed_models", {})  # absent in entire mode
-        copies = {"parameters": 0, "buffers": 0, "gradients": 0, "optimizer_state": 0}
-        for b, replica in replicas.items():
-            for key, value in model_bytes(replica).items():
-                copies[key] += value
-            copies["optimizer_state"] += optimizer_state_bytes(frame.block_optimizers[b])
-        record = {"center_MB": {k: v / mb for k, v in centre.items()},
-                  "copies_MB": {k: v / mb for k, v in copies.items()},
-                  "n_copies": len(replicas),
-                  "total_MB": (sum(centre.values()) + sum(copies.values())) / mb}
-        if frame.device.type == "cuda":
-            record["cuda_peak_allocated_MB"] = torch.cuda.max_memory_allocated(frame.device) / mb
+        remote = getattr(frame, "remote_memory", None)  # a multi-process engine: every rank's figures
+        ranks = remote() if remote is not None else [memory.process_memory(frame)]
+        centre = {k: sum(r["center"][k] for r in ranks) for k in ranks[0]["center"]}
+        copies = {k: sum(r["copies"][k] for r in ranks) for k in ranks[0]["copies"]}
+        scratch = sum(r["scratch"] for r in ranks)
+        record = {"center_MB": {k: v / MB for k, v in centre.items()},
+                  "copies_MB": {k: v / MB for k, v in copies.items()},
+                  "n_copies": sum(r["n_copies"] for r in ranks), "scratch_MB": scratch / MB,
+                  "total_MB": (sum(centre.values()) + sum(copies.values()) + scratch) / MB,
+                  "cpu_peak_rss_MB": sum(r["cpu_peak_rss"] for r in ranks) / MB}
+        for key in ("cuda_peak_allocated", "cuda_peak_reserved"):
+            if key in ranks[0]:
+                record[f"{key}_MB"] = sum(r[key] for r in ranks) / MB
+        if remote is not None:
+            record["per_rank"] = [_rank_record(rank, r) for rank, r in enumerate(ranks)]
+        if self.autograd:
+            record["autograd_saved_MB"] = self._activations(frame)
         return record
+
+    @staticmethod
+    def _activations(frame: Any) -> dict[str, Any]:
+        batch = getattr(getattr(frame, "train_batches", None), "batch_size", None) or frame.H["batch_size"] or 1
+        inputs, targets = frame.data.sample_batch("train", batch, 0)
+        saved = memory.step_activation_bytes(frame.center_model, frame.criterion, inputs, targets)
+        if frame.device.type == "cuda":  # the probe's own peak belongs to no training interval
+            torch.cuda.reset_peak_memory_stats(frame.device)
+        return {"batch_size": len(targets), "full_step": saved["full_step"] / MB,
+                "block_steps": [b / MB for b in saved["block_steps"]], "block_step_max": max(saved["block_steps"]) / MB}
+
+
+def _rank_record(rank: int, figures: dict[str, Any]) -> dict[str, Any]:
+    """One rank's figures in MB."""
+    out = {"rank": rank, "n_copies": figures["n_copies"]}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            out[f"{key}_MB"] = sum(value.values()) / MB
+        elif key != "n_copies":
+            out[f"{key}_MB"] = value / MB
+    return out
 
 
 MEASUREMENT_MODES = ("eval", "train")
