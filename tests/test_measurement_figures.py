@@ -130,8 +130,10 @@ def test_top_pairs_are_the_largest_at_any_measurement():
                                                        [0.1, 0.1, 0.2, 1]]},
                {"round": 5, "samples": 50, "coupling": [[1, 0.1, 0.1, 0.1], [0.1, 1, 0.1, 0.8], [0.1, 0.1, 1, 0.3],
                                                         [0.1, 0.8, 0.3, 1]]}]
-    data = hfig.coupling_over_training(records, [], top=2)
+    again = {**records[1], "round": 5, "samples": None, "measure_only": True, "coupling": [[1, 0.95], [0.95, 1]]}
+    data = hfig.coupling_over_training(records + [again], [], top=2)  # a --measure_only record is not training
     assert list(data["pairs"]) == ["0-1", "1-3"] and data["pairs"]["1-3"] == [0.1, 0.8]
+    assert data["rounds"] == [0, 5] and data["samples"] == [0, 50]
     assert data["loss"] == ([], [], [])
 
 

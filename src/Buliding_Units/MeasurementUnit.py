@@ -239,10 +239,16 @@ class _HessianUnit(MeasurementUnit):
     def log_measurement(self, frame: Any, record: Any) -> None:
         """Log the record with the training samples so far and its coupling summary (max, mean, top pairs), then
         redraw ``coupling_over_training``."""
-        if not isinstance(record, dict) or record.get("coupling") is None:
-            super().log_measurement(frame, {"samples": frame.samples, **record} if isinstance(record, dict) else record)
+        if not isinstance(record, dict):
+            super().log_measurement(frame, record)
             return
-        super().log_measurement(frame, {"samples": frame.samples, **record, **hfig.coupling_summary(record["coupling"])})
+        fields = {"samples": None if record.get("measure_only") else frame.samples, **record}
+        if record.get("norms") is not None:
+            fields["norm_range"] = self.norm_range  # the log range its heat-map was drawn on
+        if record.get("coupling") is None:
+            super().log_measurement(frame, fields)
+            return
+        super().log_measurement(frame, {**fields, **hfig.coupling_summary(record["coupling"])})
         records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
         data = hfig.coupling_over_training(records, frame.history)
         try:
@@ -258,8 +264,8 @@ class _HessianUnit(MeasurementUnit):
         for record in (json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()):
             drawn = [Path(f).stem.rsplit("_", 1) for f in record.get("figures", []) if f.endswith(".png")]
             drawn = [(stem, int(number)) for stem, number in drawn if stem in self.norm_titles]
-            if record.get("norms") is None:
-                continue
+            if record.get("norms") is None or record.get("norm_range") == self.norm_range:
+                continue  # drawn on the final range already
             round_now, frame.round = frame.round, record["round"]
             try:
                 for stem, index in drawn:

@@ -70,14 +70,14 @@ def grow_range(current: Sequence[float] | None, matrix: Any) -> list[float] | No
 
 def coupling_over_training(records: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]],
                            top: int = TOP_PAIRS) -> dict[str, Any]:
-    """The series behind ``coupling_over_training``: from a unit's logged records (those with a coupling) and the
-    run's progress records.
+    """The series behind ``coupling_over_training``: from a unit's logged records (those with a coupling, measured
+    during training: ``--measure_only`` records are left out) and the run's progress records.
 
     Returns rounds, samples, max and mean coupling per measurement; ``pairs``: ``"i-j"`` -> its coupling per
     measurement (None where not finite) for the ``top`` pairs with the largest coupling at any measurement;
     ``loss`` and ``deviation``: (rounds, samples, values) from the progress records.
     """
-    points = [r for r in records if r.get("coupling") is not None]
+    points = [r for r in records if r.get("coupling") is not None and not r.get("measure_only")]
     peak: dict[tuple[int, int], float] = {}
     for r in points:
         for i, row in enumerate(r["coupling"]):
