@@ -22,8 +22,8 @@ class ThreeBlocks(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.ReLU()), nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
-                                     nn.Linear(3, 2)]).double()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.ReLU()),
+                                     nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 2)]).double()
 
     def forward(self, x):
         for block in self.blocks:
@@ -97,7 +97,8 @@ def test_multiprocess_record_sums_every_rank(tmp_path):
     units.write_text("- Working_memory_usage autograd=False\n")
     argv = TINY + ["--units_file", str(units), "--measurement_sampling_rate", "1"]
     sequential = dol1.main(argv + ["--training_mode", "blockwise_sequential", "--output_root", str(tmp_path / "s")])
-    spawned = dol1.main(argv + ["--training_mode", "blockwise", "--n_workers", "2", "--output_root", str(tmp_path / "d")])
+    spawned = dol1.main(argv + ["--training_mode", "blockwise", "--n_workers", "2",
+                                "--output_root", str(tmp_path / "d")])
     seq, dis = memory_records(tmp_path / "s", sequential)[-1], memory_records(tmp_path / "d", spawned)[-1]
     assert dis["n_copies"] == seq["n_copies"] == 3  # rank 0 holds blocks 0 and 2, rank 1 block 1
     assert [(r["rank"], r["n_copies"]) for r in dis["per_rank"]] == [(0, 2), (1, 1)]
