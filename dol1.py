@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     # --- logging and measurement ---
     "report_sampling_rate": 10,  # rounds between progress checks (0 = only at start and end)
     "measurement_sampling_rate": 399,  # rounds between measurements, plus one at the end (0 = never, 1 = every round)
+    "measurement_rounds": None,  # also measure at these rounds: a list such as [0,10,50], or log (0,1,3,10,30,...,end)
     "eval_samples": 2048,  # samples of the big training batch and of the test split used per progress check
     "plot_x": "samples",  # x-axis of the training curve: samples | round | steps | forward_sample_passes | wall_time
     "units_file": "",  # plugin list ("" = measurements/Units.txt)
@@ -95,6 +96,7 @@ if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction 
 from src.utils import set_deterministic  # noqa: E402
 from src.Architectures.Models import MODELS  # noqa: E402
 from src.Buliding_Units.checkpoint import restore  # noqa: E402
+from src.Buliding_Units.measurement_schedule import measuring, parse_measurement_rounds  # noqa: E402
 from src.Buliding_Units.Model_frames import OPTIMIZERS, Frame, device_note, generate_ModelFrame  # noqa: E402
 from src.Buliding_Units.plugins import parse_units  # noqa: E402
 from src.Buliding_Units.schedules import check_schedules  # noqa: E402
@@ -165,6 +167,10 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"--block_update {H['block_update']} cannot run in --training_mode {spec.name}; valid block updates "
            f"for {spec.name}: {list(spec.block_updates)} (gauss_seidel updates one block after another: use "
            f"--training_mode blockwise_sequential)")
+    try:
+        parse_measurement_rounds(H["measurement_rounds"], H["rounds"])
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from err
     _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
            f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
     world = (torchrun_env() or torchrun_env({"RANK": "0", "WORLD_SIZE": "1"})).world_size
@@ -261,9 +267,9 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
         "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
         "batch_size": frame.H["batch_size"], "engine": f"{spec.function.__module__}.{spec.function.__qualname__}",
         "plugins": [repr(u) for u in frame.stopper_units] + ([repr(u) for u in frame.measure_units]
-                                                             if H["measurement_sampling_rate"] > 0 else []),
-        **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0"}
-           if frame.measure_units and H["measurement_sampling_rate"] == 0 else {})},
+                                                             if measuring(H) else []),
+        **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0 and "
+                       f"measurement_rounds is empty"} if frame.measure_units and not measuring(H) else {})},
         extra_header={"Reproducibility": record or {}, "Units": text})
     if H["checkpoint_every"] > 0:
         frame.checkpointer = files.checkpointer()

@@ -3,7 +3,6 @@
 Exact references: s = 0 must equal the synchronous Jacobi engine bit for bit; the simulator must follow a schedule
 computed by hand and an independent brute-force reference of the stale-synchronous rule.
 """
-import heapq
 
 import pytest
 import torch

@@ -1,9 +1,10 @@
-"""Measurement plugins: classes listed in ``measurements/Units.txt`` and run every ``measurement_sampling_rate``
-rounds and once at the end of a run.
+"""Measurement plugins: classes listed in ``measurements/Units.txt`` and run on the measurement schedule (every
+``measurement_sampling_rate`` rounds, at the ``measurement_rounds``, and once at the end of a run).
 
 Interface: ``measure(frame) -> dict`` computes a JSON-able record; ``log_measurement(frame, record)`` appends it to
-the unit's own log ``measurements/<ClassName>_<run id>.jsonl`` (one JSON object per line), so parallel runs never
-share or overwrite a file. A unit's constructor takes keyword arguments only; ``Units.txt`` passes them as
+the unit's own log ``measurements/<ClassName>_<run id>.jsonl`` (one JSON object per line, with the round; the Hessian
+units add the training samples so far), so parallel runs never share or overwrite a file; ``finish(frame)`` runs once
+after the last measurement of a run. A unit's constructor takes keyword arguments only; ``Units.txt`` passes them as
 ``key=value`` (``- HessianBlockInteractionMeasurement tol=1e-3 max_steps=30``).
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 
 from src.Buliding_Units import hessian
 from src.Buliding_Units.hessian_spectrum import curvature_spectrum
+from src.Buliding_Units import hessian_figures as hfig
+from src.Buliding_Units import memory
+from src.Buliding_Units.memory import model_bytes, optimizer_state_bytes  # noqa: F401 - public here since the seed
 from src.plots import heatmap
 from src.reporting import archive_existing, json_line
 
@@ -43,6 +47,9 @@ class MeasurementUnit(ABC):
 
     def prepare(self, frame: Any) -> None:
         """Check, before training starts, that the unit can measure this frame; raise ValueError if not."""
+
+    def finish(self, frame: Any) -> None:
+        """Run once after the last measurement of a run (e.g. redraw figures on a run-wide scale)."""
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, for the report."""
@@ -86,48 +93,71 @@ class MeasurementUnit(ABC):
         self.count += 1
 
 
-def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
-    """Bytes of every tensor in an optimiser's state dict (Adam: exp_avg, exp_avg_sq, step)."""
-    if optimizer is None:
-        return 0
-    return sum(_tensor_bytes(state.values()) for state in optimizer.state.values())
-
-
-def model_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of a model's parameters, buffers and gradients."""
-    return {"parameters": _tensor_bytes(model.parameters()), "buffers": _tensor_bytes(model.buffers()),
-            "gradients": _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)}
+MB = 1024.0 ** 2
 
 
 class Working_memory_usage(MeasurementUnit):
-    """Working memory of the run: parameters, buffers, gradients and optimiser state, in MB.
+    """Working memory of the run, in MB: parameters, buffers, gradients, optimiser state, and the activations autograd
+    saves — the part block-local steps reduce.
 
     Counts the centre model with its optimiser (entire mode) and every per-block copy with its block optimiser
-    (block-wise modes), each tensor's ``numel × element_size``; on CUDA also the peak allocated memory. Cost:
-    negligible (walks the tensors, no computation). Writes ``measurements/Working_memory_usage_<run id>.jsonl``.
+    (block-wise modes), each tensor's ``numel × element_size``. In the multi-process engine every rank answers
+    for itself (its centre, its copies, its scratch blocks), the record's totals sum the ranks and ``per_rank``
+    lists them. ``autograd_saved_MB``: the bytes autograd saves for backward in one full step and in each
+    block-local step (only that block trainable) on a training batch of the run's batch size, without parameters,
+    buffers and the batch itself (``autograd=False`` skips it). ``cpu_peak_rss_MB``: the peak resident memory of
+    each process so far (``getrusage``; it never resets). On CUDA ``cuda_peak_allocated_MB`` and
+    ``cuda_peak_reserved_MB`` are the peaks since the previous measurement (reset after each). Cost: B + 1 forward
+    passes for the activations; the rest walks the tensors. Writes ``measurements/Working_memory_usage_<run id>.jsonl``.
     """
 
+    def __init__(self, autograd: bool = True) -> None:
+        super().__init__()
+        self.autograd = bool(autograd)
+
+    def config(self) -> dict[str, Any]:
+        return {"autograd": self.autograd}
+
     def measure(self, frame: Any) -> dict[str, Any]:
-        mb = 1024.0 ** 2
-        centre = model_bytes(frame.center_model)
-        centre["optimizer_state"] = optimizer_state_bytes(getattr(frame, "optimizer", None))
-        replicas = getattr(frame, "distributed_models", {})  # absent in entire mode
-        copies = {"parameters": 0, "buffers": 0, "gradients": 0, "optimizer_state": 0}
-        for b, replica in replicas.items():
-            for key, value in model_bytes(replica).items():
-                copies[key] += value
-            copies["optimizer_state"] += optimizer_state_bytes(frame.block_optimizers[b])
-        record = {"center_MB": {k: v / mb for k, v in centre.items()},
-                  "copies_MB": {k: v / mb for k, v in copies.items()},
-                  "n_copies": len(replicas),
-                  "total_MB": (sum(centre.values()) + sum(copies.values())) / mb}
-        if frame.device.type == "cuda":
-            record["cuda_peak_allocated_MB"] = torch.cuda.max_memory_allocated(frame.device) / mb
+        remote = getattr(frame, "remote_memory", None)  # a multi-process engine: every rank's figures
+        ranks = remote() if remote is not None else [memory.process_memory(frame)]
+        centre = {k: sum(r["center"][k] for r in ranks) for k in ranks[0]["center"]}
+        copies = {k: sum(r["copies"][k] for r in ranks) for k in ranks[0]["copies"]}
+        scratch = sum(r["scratch"] for r in ranks)
+        record = {"center_MB": {k: v / MB for k, v in centre.items()},
+                  "copies_MB": {k: v / MB for k, v in copies.items()},
+                  "n_copies": sum(r["n_copies"] for r in ranks), "scratch_MB": scratch / MB,
+                  "total_MB": (sum(centre.values()) + sum(copies.values()) + scratch) / MB,
+                  "cpu_peak_rss_MB": sum(r["cpu_peak_rss"] for r in ranks) / MB}
+        for key in ("cuda_peak_allocated", "cuda_peak_reserved"):
+            if key in ranks[0]:
+                record[f"{key}_MB"] = sum(r[key] for r in ranks) / MB
+        if remote is not None:
+            record["per_rank"] = [_rank_record(rank, r) for rank, r in enumerate(ranks)]
+        if self.autograd:
+            record["autograd_saved_MB"] = self._activations(frame)
         return record
+
+    @staticmethod
+    def _activations(frame: Any) -> dict[str, Any]:
+        batch = getattr(getattr(frame, "train_batches", None), "batch_size", None) or frame.H["batch_size"] or 1
+        inputs, targets = frame.data.sample_batch("train", batch, 0)
+        saved = memory.step_activation_bytes(frame.center_model, frame.criterion, inputs, targets)
+        if frame.device.type == "cuda":  # the probe's own peak belongs to no training interval
+            torch.cuda.reset_peak_memory_stats(frame.device)
+        return {"batch_size": len(targets), "full_step": saved["full_step"] / MB,
+                "block_steps": [b / MB for b in saved["block_steps"]], "block_step_max": max(saved["block_steps"]) / MB}
+
+
+def _rank_record(rank: int, figures: dict[str, Any]) -> dict[str, Any]:
+    """One rank's figures in MB."""
+    out = {"rank": rank, "n_copies": figures["n_copies"]}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            out[f"{key}_MB"] = sum(value.values()) / MB
+        elif key != "n_copies":
+            out[f"{key}_MB"] = value / MB
+    return out
 
 
 MEASUREMENT_MODES = ("eval", "train")
@@ -142,7 +172,9 @@ class _HessianUnit(MeasurementUnit):
     disables dropout; ``"train"`` measures the batch-statistics Hessian (dropout is refused by the numerics).
     """
 
-    figure_stem = "block_heatmap"
+    norm_titles = {  # norm heat-map stem -> (title, colour-bar label)
+        "fd_block_norms_heatmap": ("finite-difference $\\|H_{ij}\\|_2$", "spectral norm"),
+        "block_offdiag_eig_heatmap": ("Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm")}
 
     def __init__(self, batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
         super().__init__()
@@ -168,20 +200,81 @@ class _HessianUnit(MeasurementUnit):
             targets = targets.to(DTYPES[self.dtype])
         return model, inputs, targets
 
-    def _figures(self, frame: Any, matrices: dict[str, torch.Tensor]) -> list[str]:
-        folder = frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
+    norm_range: list[float] | None = None  # the log-scale range of this run's norm heat-maps so far
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "norm_range": self.norm_range}
+
+    def load_state_dict(self, state: dict[str, Any], frame: Any) -> None:
+        super().load_state_dict(state, frame)
+        self.norm_range = state.get("norm_range")
+
+    def _figures(self, frame: Any, matrices: dict[str, Any], bound: dict[str, Any] | None = None,
+                 index: int | None = None) -> list[str]:
+        """Heat-maps of ``matrices`` (stem -> (matrix, title, colour-bar label)): a stem with "coupling" on the fixed
+        [0, 1] scale with the diagonal masked, the others (norms) on the run's shared log range. ``bound``: the
+        record's ``method``/``lower_bound``, for the subtitle."""
+        folder = self.figure_folder(frame)
         labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
+        subtitle = hfig.conditions(bound or {}, self.config(), frame.round)
         written = []
         for stem, (matrix, title, bar) in matrices.items():
+            coupling = "coupling" in stem
+            if not coupling:
+                self.norm_range = hfig.grow_range(self.norm_range, matrix.tolist())
             try:
-                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count:03d}", labels=labels,
-                                title=f"{title}\n{frame.run_id}, round {frame.round}", colorbar_label=bar,
-                                log_scale=stem != "block_coupling_heatmap")
+                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count if index is None else index:03d}",
+                                labels=labels, title=f"{title} ({frame.run_id})", colorbar_label=bar,
+                                scale="coupling" if coupling else "log", mask_diagonal=coupling,
+                                value_range=None if coupling else self.norm_range, subtitle=subtitle)
             except OSError as err:  # a figure that cannot be written is a warning, the numbers are still logged
                 frame.log(f"Warning: {type(self).__name__} could not write {stem}: {err}")
                 continue
             written += [str(p) for p in paths]
         return written
+
+    @staticmethod
+    def figure_folder(frame: Any) -> Path:
+        """``figures/Measurements/Hessian_Measurement/<run id>/``."""
+        return frame.paths.figures / "Measurements" / "Hessian_Measurement" / frame.run_id
+
+    def log_measurement(self, frame: Any, record: Any) -> None:
+        """Log the record with the training samples so far and its coupling summary (max, mean, top pairs), then
+        redraw ``coupling_over_training``."""
+        if not isinstance(record, dict):
+            super().log_measurement(frame, record)
+            return
+        fields = {"samples": None if record.get("measure_only") else frame.samples, **record}
+        if record.get("norms") is not None:
+            fields["norm_range"] = self.norm_range  # the log range its heat-map was drawn on
+        if record.get("coupling") is None:
+            super().log_measurement(frame, fields)
+            return
+        super().log_measurement(frame, {**fields, **hfig.coupling_summary(record["coupling"])})
+        records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        data = hfig.coupling_over_training(records, frame.history)
+        try:
+            hfig.draw_coupling_over_training(data, self.figure_folder(frame) / "coupling_over_training",
+                                             title=f"block coupling over training ({frame.run_id})")
+        except OSError as err:
+            frame.log(f"Warning: {type(self).__name__} could not write coupling_over_training: {err}")
+
+    def finish(self, frame: Any) -> None:
+        """Redraw this run's norm heat-maps on the final shared range (earlier ones were drawn on the range then)."""
+        if self.log_path is None or not self.log_path.exists() or self.norm_range is None:
+            return
+        for record in (json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()):
+            drawn = [Path(f).stem.rsplit("_", 1) for f in record.get("figures", []) if f.endswith(".png")]
+            drawn = [(stem, int(number)) for stem, number in drawn if stem in self.norm_titles]
+            if record.get("norms") is None or record.get("norm_range") == self.norm_range:
+                continue  # drawn on the final range already
+            round_now, frame.round = frame.round, record["round"]
+            try:
+                for stem, index in drawn:
+                    self._figures(frame, {stem: (torch.tensor(record["norms"], dtype=torch.float64),
+                                                 *self.norm_titles[stem])}, record, index)
+            finally:
+                frame.round = round_now
 
 
 class Hessian_measurement(_HessianUnit):
@@ -215,7 +308,8 @@ class Hessian_measurement(_HessianUnit):
                                               max_params=self.max_params)
         sizes = hessian.block_sizes(model)
         norms = hessian.block_spectral_norms(H, sizes)
-        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, "finite-difference $\\|H_{ij}\\|_2$", "spectral norm")})
+        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, *self.norm_titles["fd_block_norms_heatmap"])},
+                                {"method": "finite_difference"})
         return {"method": "finite_difference", "n_params": sum(sizes), "block_sizes": sizes,
                 "norms": norms.tolist(), "wall_time": time.perf_counter() - start, "figures": figures}
 
@@ -260,8 +354,9 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
             memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True, curvature=self.curvature)
         coupling = hessian.normalised_coupling(norms)
         figures = self._figures(frame, {
-            "block_offdiag_eig_heatmap": (norms, "Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm"),
-            "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")})
+            "block_offdiag_eig_heatmap": (norms, *self.norm_titles["block_offdiag_eig_heatmap"]),
+            "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")},
+            {"method": info.method, "lower_bound": info.lower_bound})
         return {"method": info.method, "curvature": self.curvature, "hvps": info.hvps, "batched_calls": info.calls,
                 "wall_time": info.wall_time, "lower_bound": info.lower_bound,
                 "block_sizes": hessian.block_sizes(model), "norms": norms.tolist(),

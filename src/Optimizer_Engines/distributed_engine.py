@@ -5,7 +5,8 @@ processes. Each rank owns the copies (and the optimisers) of blocks ``b`` with `
 and one round is:
 
 1. rank 0 broadcasts the round index (or ``STOP``, or ``CHECKPOINT``: every rank sends its state to rank 0, see
-   ``distributed_state.py``): every rank leaves the loop in the same round;
+   ``distributed_state.py``, or ``MEMORY``: every rank sends its memory figures, for the memory unit): every rank
+   leaves the loop in the same round;
 2. every rank takes K local steps on each active block it owns, on batches r·K … r·K + K − 1, which it computes
    itself from the seeded sequence (data never travels between processes);
 3. one ``all_reduce`` of [deviation², compute time of each rank];
@@ -51,7 +52,8 @@ from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
 from src.Buliding_Units.schedules import apply_changes
-from src.Optimizer_Engines.distributed_state import CHECKPOINT, apply_handoff, gather_states, handoff, to_cpu
+from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, gather_memory, gather_states,
+                                                    handoff, to_cpu)
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
@@ -206,6 +208,8 @@ def worker_loop(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> None:
         apply_changes(frame, changes)  # the same schedule changes as rank 0, before the round
         if command == CHECKPOINT:
             gather_states(frame, rank, plan.n)
+        elif command == MEMORY:
+            gather_memory(frame, rank, plan.n, state.scratch)
         else:
             distributed_round(frame, state, command, time.perf_counter())
     centre_spread(frame, state)
@@ -322,11 +326,15 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
         _command(state, CHECKPOINT)
         return gather_states(frame, 0, state.plan.n)
 
-    frame.remote_state = remote_state
+    def remote_memory() -> list[dict[str, Any]]:
+        _command(state, MEMORY)
+        return gather_memory(frame, 0, state.plan.n, state.scratch)
+
+    frame.remote_state, frame.remote_memory = remote_state, remote_memory
     try:
         training_loop(frame, step, progress)
     finally:
-        frame.remote_state = None
+        frame.remote_state = frame.remote_memory = None
     rounds = frame.round - rounds_before
     frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
               f"(block payload x {state.plan.n - 1} receivers) over {rounds} rounds; compute "

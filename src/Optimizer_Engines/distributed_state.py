@@ -2,7 +2,8 @@
 
 Each rank owns the copies and optimisers of its blocks and its own RNG. For a checkpoint, rank 0 sends the
 CHECKPOINT command and every rank answers with :func:`local_state` through one ``gather_object``; rank 0 merges the
-answers into its checkpoint (``frame.remote_state``). On resume, rank 0 — whose frame was built with every copy and
+answers into its checkpoint (``frame.remote_state``). The memory unit's ``MEMORY`` command gathers every rank's memory
+figures the same way (``frame.remote_memory``). On resume, rank 0 — whose frame was built with every copy and
 restored from the checkpoint — broadcasts :func:`handoff` once, before the first round, and every rank loads its
 own blocks and RNG with :func:`apply_handoff`. Tensors travel on the CPU (gloo and NCCL alike).
 """
@@ -12,11 +13,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from src.Buliding_Units.checkpoint import apply_copy_state, copy_differences, rng_state, set_rng_state
+from src.Buliding_Units.memory import process_memory
 from src.Buliding_Units.Model_frames import Disributed_frame
 
 CHECKPOINT = -2  # the command that asks every rank for its state
+MEMORY = -3  # the command that asks every rank for its memory figures (the memory unit's ``frame.remote_memory``)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -48,6 +52,14 @@ def gather_states(frame: Disributed_frame, rank: int, world_size: int) -> dict[s
         for key in merged:
             merged[key].update(answer[key])
     return merged
+
+
+def gather_memory(frame: Disributed_frame, rank: int, world_size: int, scratch: nn.Module) -> list[Any] | None:
+    """Collective: every rank's memory figures (its centre, its copies, its ``scratch`` blocks for received values,
+    its peak RSS and CUDA peaks) reach rank 0, which returns them in rank order (others: None)."""
+    answers: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(process_memory(frame, scratch), answers, dst=0)
+    return answers
 
 
 def handoff(frame: Disributed_frame) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The loop every engine shares: rounds, progress checks, measurements, stoppers, and the block-local pieces.
 
 An engine supplies ``step(frame, round_index) -> deviation`` and calls :func:`training_loop`, which logs every
-``report_sampling_rate`` rounds, measures every ``measurement_sampling_rate`` rounds (both once more at the end) and
-asks the stoppers after each progress check.
+``report_sampling_rate`` rounds, measures on the schedule of ``measurement_sampling_rate`` and ``measurement_rounds``
+(see ``measurement_schedule``; both once more at the end) and asks the stoppers after each progress check.
 
 Data-order contract (shared by every engine, the multi-process one included): mini-batches come from one seeded
 sequence ``frame.train_batches``; step t of entire mode uses batch t; local step t of round r uses batch r·K + t,
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.Buliding_Units.measurement_schedule import measurement_due, measuring
 from src.Buliding_Units.Model_frames import COUNTERS, Frame
 from src.Buliding_Units.schedules import apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
@@ -187,6 +188,14 @@ def run_measurements(frame: Frame) -> None:
     frame.timers["measurement"] += time.perf_counter() - t0
 
 
+def finish_measurements(frame: Frame) -> None:
+    """Let every unit finish its run-wide output after the last measurement (e.g. redraw figures on one scale)."""
+    t0 = time.perf_counter()
+    for unit in frame.measure_units:
+        unit.finish(frame)
+    frame.timers["measurement"] += time.perf_counter() - t0
+
+
 def check_stoppers(frame: Frame, record: dict[str, Any]) -> bool:
     """Ask every stopper about the latest progress record; the first that fires sets ``frame.stop_reason``."""
     for unit in frame.stopper_units:
@@ -224,8 +233,8 @@ def due(round_index: int, rate: int) -> bool:
 
 def training_loop(frame: Frame, step: Callable[[Frame, int], float],
                   progress: Callable[[int, int], None] | None = None) -> Frame:
-    """Run ``step(frame, r)`` for every round, logging every ``report_sampling_rate`` rounds and measuring every
-    ``measurement_sampling_rate`` rounds, both once more at the end; stoppers are asked after each progress check.
+    """Run ``step(frame, r)`` for every round, logging every ``report_sampling_rate`` rounds and measuring on the
+    measurement schedule, both once more at the end; stoppers are asked after each progress check.
     """
     H = frame.H
     frame.start_time = time.perf_counter() - frame.elapsed  # elapsed > 0 after a resume
@@ -238,6 +247,8 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     stopped = record is not None and check_stoppers(frame, record)
     for unit in frame.schedule_units if record is not None else ():
         unit.observe(frame, record)
+    if record is not None and not stopped and H["rounds"] > 0 and measurement_due(0, H):
+        run_measurements(frame)  # round 0: the model before training
     while not stopped and frame.round < H["rounds"]:
         t0 = time.perf_counter()
         frame.round_changes = first if first is not None and frame.round == 0 else \
@@ -253,7 +264,7 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
             stopped = check_stoppers(frame, record) or stopped
             for unit in frame.schedule_units:
                 unit.observe(frame, record)
-        if due(frame.round, H["measurement_sampling_rate"]) and frame.round < H["rounds"] and not stopped:
+        if measurement_due(frame.round, H) and frame.round < H["rounds"] and not stopped:
             run_measurements(frame)
         if progress is not None:
             progress(frame.round, H["rounds"])
@@ -264,6 +275,7 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
             raise KeyboardInterrupt(f"signal {frame.interrupt}")
     if record is None or record["round"] != frame.round:
         stopped = check_stoppers(frame, log_progress(frame, deviation)) or stopped
-    if H["measurement_sampling_rate"] > 0:
+    if measuring(H):
         run_measurements(frame)
+        finish_measurements(frame)
     return frame

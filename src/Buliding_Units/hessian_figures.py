@@ -1,0 +1,138 @@
+"""The Hessian units' figures: honest heat-maps and the coupling over training (data functions apart from drawing).
+
+* Coupling heat-maps use the fixed scale [0, 1] with the diagonal (always 1) masked; a value above 1 — possible for
+  an indefinite Hessian, or when coupling is built from lower bounds — is drawn in red.
+* Raw block norms use a log scale with one range for every measurement of a run (the unit keeps the range in its
+  state, and redraws the run's norm heat-maps on the final range when the run ends).
+* Every heat-map's subtitle states the conditions: exact or lower bound, tol, samples, mode, dtype, round.
+* ``coupling_over_training.{pdf,png}``: the largest and mean off-diagonal coupling and the top pairs against round
+  and against training samples, with the training loss and the deviation on a second axis.
+
+Frames and plugins floor: imports the ground floor's plots only.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from src.plots import pyplot, save_figure
+
+TOP_PAIRS = 3  # pairs drawn in the coupling-over-training figure and logged with each measurement
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def coupling_summary(coupling: Sequence[Sequence[float | None]], top: int = TOP_PAIRS) -> dict[str, Any]:
+    """Largest and mean off-diagonal coupling (pairs i < j with a finite value) and the ``top`` largest pairs.
+
+    Returns ``{"coupling_max", "coupling_mean", "top_pairs": [[i, j, value], ...]}`` (None without any pair).
+    """
+    pairs = [(i, j, float(coupling[i][j])) for i in range(len(coupling)) for j in range(i + 1, len(coupling))
+             if _finite(coupling[i][j])]
+    if not pairs:
+        return {"coupling_max": None, "coupling_mean": None, "top_pairs": []}
+    ranked = sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
+    return {"coupling_max": ranked[0][2], "coupling_mean": sum(p[2] for p in pairs) / len(pairs),
+            "top_pairs": [list(p) for p in ranked[:top]]}
+
+
+def conditions(record: dict[str, Any], config: dict[str, Any], round_index: int) -> str:
+    """One line stating how a Hessian record was measured (the heat-maps' subtitle)."""
+    if record.get("method") == "finite_difference":
+        kind = "finite differences"
+    elif record.get("lower_bound"):
+        kind = "lower bounds (Krylov)"
+    else:
+        kind = "exact (dense)"
+    parts = [kind]
+    if "tol" in config and record.get("lower_bound"):
+        parts.append(f"tol {config['tol']:g}")
+    if "curvature" in config:
+        parts.append(str(config["curvature"]))
+    parts += [f"{config.get('batch_size', '?')} samples", f"{config.get('mode', '?')} mode",
+              str(config.get("dtype", "?")), f"round {round_index}"]
+    return ", ".join(parts)
+
+
+def grow_range(current: Sequence[float] | None, matrix: Any) -> list[float] | None:
+    """``current`` widened to hold every positive finite value of ``matrix`` (the shared log-scale range)."""
+    values = [float(v) for row in matrix for v in row if _finite(v) and v > 0]
+    if not values:
+        return list(current) if current is not None else None
+    low, high = min(values), max(values)
+    if current is not None:
+        low, high = min(low, current[0]), max(high, current[1])
+    return [low, high]
+
+
+def coupling_over_training(records: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]],
+                           top: int = TOP_PAIRS) -> dict[str, Any]:
+    """The series behind ``coupling_over_training``: from a unit's logged records (those with a coupling, measured
+    during training: ``--measure_only`` records are left out) and the run's progress records.
+
+    Returns rounds, samples, max and mean coupling per measurement; ``pairs``: ``"i-j"`` -> its coupling per
+    measurement (None where not finite) for the ``top`` pairs with the largest coupling at any measurement;
+    ``loss`` and ``deviation``: (rounds, samples, values) from the progress records.
+    """
+    points = [r for r in records if r.get("coupling") is not None and not r.get("measure_only")]
+    peak: dict[tuple[int, int], float] = {}
+    for r in points:
+        for i, row in enumerate(r["coupling"]):
+            for j in range(i + 1, len(row)):
+                if _finite(row[j]):
+                    peak[(i, j)] = max(peak.get((i, j), -math.inf), float(row[j]))
+    chosen = sorted(peak, key=lambda p: (-peak[p], p))[:top]
+    series = {f"{i}-{j}": [r["coupling"][i][j] if _finite(r["coupling"][i][j]) else None for r in points]
+              for i, j in chosen}
+    summaries = [coupling_summary(r["coupling"], top) for r in points]
+    progress = [h for h in history if "round" in h]
+    return {"rounds": [r["round"] for r in points], "samples": [r.get("samples") for r in points],
+            "max": [s["coupling_max"] for s in summaries], "mean": [s["coupling_mean"] for s in summaries],
+            "pairs": series,
+            **{key: ([h["round"] for h in progress if key in h], [h.get("samples") for h in progress if key in h],
+                     [h[key] for h in progress if key in h]) for key in ("loss", "deviation")}}
+
+
+def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: str = "") -> list[Path]:
+    """Draw :func:`coupling_over_training`'s data against round (left) and training samples (right)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, layout="constrained")
+    for col, (xkey, xlabel) in enumerate((("rounds", "round"), ("samples", "training samples"))):
+        ax = axes[0][col]
+        xs = data[xkey]
+        if xkey == "samples" and any(x is None for x in xs):
+            ax.set_visible(False)  # records logged before samples were recorded
+            continue
+        ax.plot(xs, data["max"], "o-", color="C3", label="max off-diagonal")
+        ax.plot(xs, data["mean"], "s-", color="C0", label="mean off-diagonal")
+        for n, (pair, values) in enumerate(data["pairs"].items()):
+            ax.plot(xs, [math.nan if v is None else v for v in values], "--", color=f"C{4 + n}", lw=1,
+                    label=f"pair {pair}")
+        ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$")
+        ax.grid(alpha=0.3)
+        _second_axis(ax, data, 0 if xkey == "rounds" else 1)
+        ax.legend(fontsize="small", loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def _second_axis(ax: Any, data: dict[str, Any], x_index: int) -> None:
+    """Training loss and deviation on a twin axis (log scale when all positive); a zero deviation is left out."""
+    twin = ax.twinx()
+    drawn = []
+    for key, style in (("loss", "k-"), ("deviation", "m-.")):
+        xs, values = data[key][x_index], data[key][2]
+        if not values or not any(values) or any(x is None for x in xs):
+            continue
+        drawn += twin.plot(xs, values, style, lw=1, alpha=0.7, label=f"training {key}" if key == "loss" else key)
+    if drawn and all(v > 0 for line in drawn for v in line.get_ydata()):
+        twin.set_yscale("log")
+    twin.set_ylabel("training loss, deviation")
+    if drawn:
+        twin.legend(handles=drawn, fontsize="small", loc="upper right")
