@@ -211,7 +211,9 @@ class Scheduler:
         return None
 
     def _adopt(self, run: Run, handle: Handle, entry: dict[str, Any], since: float) -> None:
-        entry.update(status="running", pid=handle.pid, job_id=handle.job_id, token=handle.token)
+        # a job found by name before its run started shows no token yet: it is the attempt this tracker saved
+        token = handle.token or (entry.get("token") if handle.job_id is not None else None)
+        entry.update(status="running", pid=handle.pid, job_id=handle.job_id, token=token)
         self.active.append(_Active(run, handle, self._free_slot(entry.get("device")), since))
         self.save()
         self.on_event("adopt", run, entry)

@@ -160,6 +160,7 @@ class RunCommand(CommandFunction, Checkpointable):
         self._process: subprocess.Popen | None = None
 
     def __call__(self) -> int:
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, env={**os.environ, **self.env})
