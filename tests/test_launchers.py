@@ -249,3 +249,12 @@ def test_a_slurm_dry_run_shows_the_sbatch_script_without_slurm(tmp_path, capsys,
     assert "16 slots on slurm" in printed and "#SBATCH --partition=gpu" in printed and "dry run: nothing started" \
         in printed
     assert not (tmp_path / "tracker.json").exists() and not (tmp_path / "submitit").exists()
+
+
+def test_a_job_runs_its_command_into_the_run_log_ignoring_slurm_usr2(tmp_path):
+    """SLURM's USR2 warning reaches every process of the job: the run must not die of it (submitit handles it)."""
+    log = tmp_path / "reports" / "R1.log"
+    command = [sys.executable, "-c", "import os, signal; print(os.environ['DOL1_ATTEMPT'], "
+               "signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN); raise SystemExit(3)"]
+    assert slurm.RunCommand(command, {ATTEMPT_ENV: "R1.1.aa"}, log)() == 3  # the job's result: the exit status
+    assert log.read_text() == "R1.1.aa True\n"

@@ -146,6 +146,13 @@ def sbatch_script(options: JobOptions, folder: Path, name: str, project_root: Pa
         raise ConfigError(f"SLURM options {sorted(options.extra)}: {err}") from err
 
 
+def _ignore_usr2() -> None:
+    # SLURM's --signal=USR2@... reaches every process of the job step; its default action would kill dol1.py
+    # outright. Ignored in the run (inherited through exec, and by its workers); submitit's job process handles it
+    # and asks the run to checkpoint (SIGTERM).
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class RunCommand(CommandFunction, Checkpointable):
     """A job's body: run one ``dol1.py`` command line, output appended to the run's log; returns its exit status.
 
@@ -163,7 +170,8 @@ class RunCommand(CommandFunction, Checkpointable):
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+                                             stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                             preexec_fn=_ignore_usr2)
             # poll, never a blocking wait(): submitit's signal handler (checkpoint) must be able to reap the child
             while (code := self._process.poll()) is None:
                 time.sleep(0.2)
