@@ -109,8 +109,8 @@ def check_limits(args: argparse.Namespace) -> None:
     if args.launcher == "local":
         given = [f"--{k}" for k, default in _CLUSTER_DEFAULTS.items() if getattr(args, k) != default]
         if given:
-            print(f"master.py: error: {', '.join(given)} only apply to --launcher slurm or submitit_local, not to "
-                  f"--launcher local", file=sys.stderr)
+            print(f"master.py: error: {', '.join(given)}: only for --launcher slurm or submitit_local (got "
+                  f"--launcher local)", file=sys.stderr)
             raise SystemExit(2)
 
 

@@ -230,7 +230,7 @@ def test_launcher_slurm_without_slurm_is_refused_before_anything(tmp_path, capsy
     (["--launcher", "slurm", "--slurm_time_min", "0"], "--slurm_time_min must be a number in [1, 525600]"),
     (["--launcher", "slurm", "--slurm_array_parallelism", "0"], "--slurm_array_parallelism must be a number"),
     (["--launcher", "submitit_local", "--gpus_per_run", "0"], "--gpus_per_run must be a number in [1, 1024]"),
-    (["--slurm_partition", "gpu"], "--slurm_partition only apply to --launcher slurm or submitit_local"),
+    (["--slurm_partition", "gpu"], "--slurm_partition: only for --launcher slurm or submitit_local (got --launcher local)"),
     (["--launcher", "pbs"], "argument --launcher: invalid choice: 'pbs'"),
 ])
 def test_bad_slurm_options_are_refused_naming_them(tmp_path, capsys, monkeypatch, more, needle):

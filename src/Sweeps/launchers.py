@@ -215,7 +215,9 @@ class LocalLauncher:
         self._signal(handle, signal.SIGKILL, group=True)
 
     def find(self, name: str, command: Sequence[str]) -> Handle | None:
-        for pid, token in token_processes(f"{name}.").items():
+        tokens = token_processes(f"{name}.")  # started by a master (ours or another), whatever its command line
+        if tokens:
+            pid, token = next(iter(tokens.items()))
             return Handle(pid, None, cmdline_of(pid) or tuple(command), token=token)
         for entry in Path("/proc").glob("[0-9]*"):
             if _same_command(cmdline_of(int(entry.name)), command):

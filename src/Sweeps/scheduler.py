@@ -148,15 +148,18 @@ class Scheduler:
         return True
 
     def _live(self, run: Run) -> Handle | None:
-        """The attempt running this run now, started by anyone: the holder of the run's lock (a run claims it
-        before its first write; its token, if any, from its status file), else what the launcher finds by the run's
-        id (a token in a process's environment, a queued or running job of that name) or command line."""
+        """The attempt running this run now, started by anyone: what the launcher finds by the run's id (an
+        attempt's token in a process's environment, a queued or running job of that name) or command line, else the
+        holder of the run's lock (a run started by hand claims it before its first write)."""
+        found = self.launcher.find(run.run_id, self.command(run))
+        if found is not None:
+            return found
         pid = lock_holder(run.reports_dir, run.run_id)
         if pid is not None and pid > 0:
             state = read_status(run.reports_dir, run.run_id) or {}
             return Handle(pid, None, tuple(self.command(run)), lock=(run.reports_dir, run.run_id),
                           token=state.get("attempt") if state.get("pid") == pid else None)
-        return self.launcher.find(run.run_id, self.command(run))
+        return None
 
     def _finish(self, active: _Active) -> None:
         run, handle, entry = active.run, active.handle, self.entry(active.run)

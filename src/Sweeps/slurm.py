@@ -284,8 +284,18 @@ class SubmititLauncher:
                 os.kill(pid, sig)
         return bool(pids)
 
+    def _signal_adopted(self, handle: Handle, sig: int) -> None:
+        """A run started by hand and adopted by its lock: signal it on this machine (submitit_local only; on SLURM
+        its pid may be another node's)."""
+        if self.cluster == "local" and handle.pid is not None and self.poll(handle):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(handle.pid, sig)
+
     def terminate(self, handle: Handle) -> None:
-        if not self.poll(handle) or handle.job_id is None:
+        if handle.job_id is None:
+            self._signal_adopted(handle, signal.SIGTERM)
+            return
+        if not self.poll(handle):
             return
         if self.cluster == "slurm":
             subprocess.run(["scancel", handle.job_id], capture_output=True, timeout=60)  # SIGTERM, later SIGKILL
@@ -293,7 +303,10 @@ class SubmititLauncher:
             self.kill(handle)
 
     def kill(self, handle: Handle) -> None:
-        if not self.poll(handle) or handle.job_id is None:
+        if handle.job_id is None:
+            self._signal_adopted(handle, signal.SIGKILL)
+            return
+        if not self.poll(handle):
             return
         if self.cluster == "slurm":
             subprocess.run(["scancel", "--signal=KILL", "--full", handle.job_id], capture_output=True, timeout=60)
