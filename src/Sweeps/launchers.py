@@ -149,6 +149,15 @@ def token_of(pid: int) -> str | None:
                 None)
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def parent_of(pid: int) -> int | None:
     """The parent's pid of a process (None if gone or unreadable)."""
     try:
@@ -196,8 +205,10 @@ class LocalLauncher:
         if handle.token is not None:  # found by its token: alive while that process still carries it
             return token_of(handle.pid) == handle.token
         # no lock (yet, or any more): alive while the process still runs its command; a run that has released its
-        # lock is still writing its last files and exiting, and a sweep is over only when its processes are gone
-        return _same_command(cmdline_of(handle.pid), handle.command)
+        # lock is still writing its last files and exiting, and a sweep is over only when its processes are gone.
+        # Right after its exec a process may show no command line yet: alive if it runs (not a zombie).
+        cmdline = cmdline_of(handle.pid)
+        return _same_command(cmdline, handle.command) if cmdline is not None else _running(handle.pid)
 
     def _signal(self, handle: Handle, sig: int, group: bool) -> None:
         if not self.poll(handle):
