@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 
 from submitit import AutoExecutor
 from submitit.core.utils import DelayedSubmission, JobPaths, pickle_load
-from submitit.slurm.slurm import SlurmExecutor
 from submitit.helpers import Checkpointable, CommandFunction
+from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string  # the renderer SlurmExecutor submits with
 
 from src.cli import ConfigError
 from src.reporting import ATTEMPT_ENV
@@ -137,7 +137,6 @@ def sbatch_script(options: JobOptions, folder: Path, name: str, project_root: Pa
     Raises:
         ConfigError: submitit refuses a value (its message).
     """
-    from submitit.slurm.slurm import _make_sbatch_string
     parameters = _slurm_names(executor_parameters(options, "slurm", name, token, project_root))
     try:
         return _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}",
