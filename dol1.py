@@ -12,6 +12,7 @@ or stopped by a stopper, 1 failed, 2 bad input (nothing written), 3 the same run
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import sys
@@ -109,7 +110,7 @@ from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
 from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
-from src.reporting import Paths, Reporter, format_progress  # noqa: E402
+from src.reporting import ATTEMPT_ENV, Paths, Reporter, format_progress  # noqa: E402
 from src.plots import X_AXES  # noqa: E402
 
 _CHOICES = {
@@ -270,7 +271,8 @@ def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, re
                                                              if measuring(H) else []),
         **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0 and "
                        f"measurement_rounds is empty"} if frame.measure_units and not measuring(H) else {})},
-        extra_header={"Reproducibility": record or {}, "Units": text})
+        extra_header={"Reproducibility": record or {}, "Units": text},
+        attempt=os.environ.get(ATTEMPT_ENV))  # a sweep master's token of this attempt, echoed for it to find
     if H["checkpoint_every"] > 0:
         frame.checkpointer = files.checkpointer()
     if resume is not None:

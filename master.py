@@ -12,6 +12,16 @@ every attempt, appended). Placement: ``--runs_per_gpu`` runs per visible GPU, ea
 (CUDA_VISIBLE_DEVICES); without GPUs (or with ``--cpu``) ``--cpu_slots`` runs at a time on the CPU, default
 max(1, cores // 2). Every child's threads are capped at max(1, cores // slots) (OMP_NUM_THREADS, MKL_NUM_THREADS).
 
+``--gpus_per_run N`` gives each run N GPUs (a multi-process run starts one worker per GPU, NCCL).
+
+Launchers (``--launcher``): ``local`` (the default) as above; ``slurm`` submits each run as one SLURM job through
+submitit (job name = run id; ``--slurm_partition``, ``--slurm_time_min``, ``--gpus_per_run``, ``--cpus_per_run``,
+``--slurm_array_parallelism`` jobs in flight, ``--slurm_extra`` JSON; a multi-GPU block-parallel run is one job with
+torchrun inside; a preempted or timed-out job is requeued and resumes from its checkpoint); ``submitit_local`` runs
+the same submitit code path with local processes, to rehearse a cluster sweep. submitit's files go to
+``<tracker folder>/submitit/<run id>/``. Each attempt is identified by a token in its environment, which dol1.py
+writes into its status file and report, so the outcome is judged the same way on every launcher.
+
 State: ``progress_tracker.json`` (``--tracker``), keyed by run id, rewritten atomically; ``<tracker>.lock`` keeps a
 second master off it. Starting the same sweep again resumes it: done runs are skipped, live runs adopted, runs that
 ended while no master watched are judged from their report, failed runs retried until ``--max_attempts`` failures,
@@ -50,7 +60,11 @@ from src.Optimizer_Engines.worker_pool import available_cpus  # noqa: E402 - imp
 from src.plots import X_AXES  # noqa: E402 - imports no torch (nor matplotlib) either
 
 _LIMITS = {"runs_per_gpu": (1, 1024), "cpu_slots": (1, 4096), "max_attempts": (1, 1000), "grace": (0, 86400),
-           "poll_interval": (0.01, 3600)}  # flag: (lowest, highest)
+           "poll_interval": (0.01, 3600), "gpus_per_run": (1, 1024), "cpus_per_run": (0, 4096),
+           "slurm_time_min": (1, 525600), "slurm_array_parallelism": (1, 100000)}  # flag: (lowest, highest)
+LAUNCHERS = ("local", "slurm", "submitit_local")
+_CLUSTER_DEFAULTS = {"slurm_partition": "", "slurm_time_min": 60, "slurm_array_parallelism": 16,
+                     "slurm_extra": ""}  # flags that only a submitit launcher uses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="x-axis of the sweep figure and of the equal budget for the best step size")
     parser.add_argument("--summarize", metavar="TRACKER",
                         help="rebuild the table, CSVs and figure of the sweep(s) in TRACKER; runs nothing")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="local: processes here; slurm: one SLURM job per run (submitit); submitit_local: the "
+                             "same submitit path with local processes, to rehearse a cluster sweep")
+    parser.add_argument("--gpus_per_run", type=int, default=1,
+                        help="GPUs per run; a multi-process run (--training_mode blockwise) starts one worker per "
+                             "GPU (NCCL); on SLURM the job's GPUs, with torchrun inside")
+    parser.add_argument("--cpus_per_run", type=int, default=0,
+                        help="thread cap per run (0: cores // slots here; on SLURM the job's CPUs, 0 = the "
+                             "cluster's default)")
+    parser.add_argument("--slurm_partition", default=_CLUSTER_DEFAULTS["slurm_partition"],
+                        help="SLURM partition ('' = the cluster's default)")
+    parser.add_argument("--slurm_time_min", type=int, default=_CLUSTER_DEFAULTS["slurm_time_min"],
+                        help="a job's time limit in minutes (reaching it: checkpoint, requeue, resume)")
+    parser.add_argument("--slurm_array_parallelism", type=int, default=_CLUSTER_DEFAULTS["slurm_array_parallelism"],
+                        help="jobs in flight (queued or running) at a time")
+    parser.add_argument("--slurm_extra", default=_CLUSTER_DEFAULTS["slurm_extra"],
+                        help='JSON object of more submitit SlurmExecutor options, e.g. \'{"account": "proj", '
+                             '"qos": "high", "mem": "32G"}\'')
     return parser
 
 
@@ -82,6 +114,12 @@ def check_limits(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not math.isfinite(value) or not low <= value <= high:
             print(f"master.py: error: --{name} must be a number in [{low}, {high}], got {value}", file=sys.stderr)
+            raise SystemExit(2)
+    if args.launcher == "local":
+        given = [f"--{k}" for k, default in _CLUSTER_DEFAULTS.items() if getattr(args, k) != default]
+        if given:
+            print(f"master.py: error: {', '.join(given)}: only for --launcher slurm or submitit_local (got "
+                  f"--launcher local)", file=sys.stderr)
             raise SystemExit(2)
 
 
@@ -130,8 +168,10 @@ class Display:
             self._update_bar()
             return
         settings = ", ".join(f"{k}={v}" for k, v in run.grid_values.items())
-        text = {"skip": f"{entry['status']} already", "diverged": "diverged (a result: not retried)", "adopt": f"still running (pid {entry['pid']}): adopted",
-                "launch": f"started on {entry['device']}, attempt {entry['attempts']}, pid {entry['pid']}",
+        where = f"job {entry['job_id']}" if entry.get("job_id") else f"pid {entry['pid']}"
+        text = {"skip": f"{entry['status']} already", "diverged": "diverged (a result: not retried)",
+                "adopt": f"still running ({where}): adopted",
+                "launch": f"started on {entry['device']}, attempt {entry['attempts']}, {where}",
                 "done": f"done after {entry['rounds_done']} rounds",
                 "failed": f"FAILED (exit code {entry['exit_code']}, failure {entry['failures']}"
                           f"/{self.scheduler.max_attempts}): {entry['detail'] or 'see ' + entry['log']}",
@@ -159,12 +199,53 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _cluster_module() -> Any:
+    """src.Sweeps.slurm (the submitit launchers), or bad input saying what to install."""
+    try:
+        from src.Sweeps import slurm  # only the submitit launchers need submitit
+    except ImportError as err:
+        raise ConfigError(f"--launcher slurm/submitit_local needs submitit ({err}): pip install submitit==1.5.4") \
+            from err
+    return slurm
+
+
+def _job_options(args: argparse.Namespace, runs: list[sw.Run]) -> Any:
+    """The submitit launchers' job options, checked (sbatch rendered for the first run): ConfigError if bad."""
+    slurm = _cluster_module()
+    options = slurm.JobOptions(partition=args.slurm_partition, time_min=args.slurm_time_min,
+                               gpus_per_run=0 if args.cpu else args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                               array_parallelism=args.slurm_array_parallelism,
+                               extra=slurm.parse_extra(args.slurm_extra))
+    if not args.dry_run:  # a dry run may show the sbatch script where there is no SLURM
+        slurm.check_cluster(args.launcher)
+    slurm.sbatch_script(options, _submitit_root(args) / runs[0].run_id, runs[0].run_id, PROJECT_ROOT)
+    return options
+
+
+def _submitit_root(args: argparse.Namespace) -> Path:
+    return Path(args.tracker).resolve().parent / "submitit"
+
+
+def make_launcher(args: argparse.Namespace) -> Any:
+    """The launcher of ``--launcher`` (after :func:`plan` checked its options)."""
+    if args.launcher == "local":
+        return sw.LocalLauncher()
+    return _cluster_module().SubmititLauncher(args.launcher, _submitit_root(args), args.job_options, PROJECT_ROOT)
+
+
+def torchrun_procs(args: argparse.Namespace) -> Any:
+    """Processes per run under torchrun: on SLURM, ``--gpus_per_run`` for a multi-process engine, else 1."""
+    if args.launcher != "slurm" or args.cpu or args.gpus_per_run < 2:
+        return lambda run: 1
+    return lambda run: args.gpus_per_run if dol1.resolve_engine(run.H["training_mode"]).torchrun_worker else 1
+
+
 def _dry_run(runs: list, slots: list, tracker: Path, sweep_id: str) -> None:
     known = sw.read_tracker(tracker)["runs"]
     print(f"sweep {sweep_id}: {_count(len(runs), 'run')}; tracker {tracker}")
     devices = sorted({slot.device for slot in slots})
     print(f"device plan: {_count(len(slots), 'slot')} on {', '.join(devices)}; each child: "
-          + " ".join(f"{k}={v!r}" for k, v in slots[0].env))
+          + (" ".join(f"{k}={v!r}" for k, v in slots[0].env) or "the job's resources"))
     for run in runs:
         status = known.get(run.run_id, {}).get("status", "new")
         print(f"  {run.run_id}  [{status}]  {' '.join(run.argv)}")
@@ -186,10 +267,14 @@ def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[
         runs = sw.expand(grid, fixed, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT, dol1.run_identity,
                          always={"resume": "auto"})
         sw.read_tracker(Path(args.tracker))  # a broken tracker is bad input too, found before anything starts
-    except sw.SweepError as err:
+        args.job_options = None if args.launcher == "local" else _job_options(args, runs)
+        if args.launcher == "slurm":  # a slot is a job in flight; its GPUs and CPUs are the job's
+            slots = sw.job_slots("slurm", args.slurm_array_parallelism, args.cpus_per_run)
+        else:
+            slots = sw.plan_slots([] if args.cpu else sw.visible_gpus(), args.runs_per_gpu, args.cpu_slots,
+                                  available_cpus(), args.gpus_per_run, args.cpus_per_run)
+    except (ConfigError, ValueError) as err:  # SweepError is a ConfigError
         _fail(str(err), 2)
-    gpus = [] if args.cpu else sw.visible_gpus()
-    slots = sw.plan_slots(gpus, args.runs_per_gpu, args.cpu_slots, available_cpus())
     return runs, grid, fixed, sw.sweep_hash(grid, fixed), slots
 
 
@@ -203,7 +288,8 @@ def execute(args: argparse.Namespace, runs: list[sw.Run], grid: dict[str, list],
             scheduler = sw.Scheduler(runs, slots, tracker, {"id": sweep_id, "grid": grid, "fixed": fixed},
                                      dol1=PROJECT_ROOT / "dol1.py", python=sys.executable,
                                      max_attempts=args.max_attempts, grace=args.grace,
-                                     poll_interval=args.poll_interval)
+                                     poll_interval=args.poll_interval, launcher=make_launcher(args),
+                                     torchrun_procs=torchrun_procs(args))
             display = Display(runs, scheduler)
             scheduler.on_event = display
             display.say(f"sweep {sweep_id}: {_count(len(runs), 'run')} on {_count(len(slots), 'slot')} "
@@ -261,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, grid, fixed, sweep_id, slots = plan(args)
     if args.dry_run:
         _dry_run(runs, slots, Path(args.tracker).resolve(), sweep_id)
+        if args.launcher == "slurm":
+            print(f"sbatch script of {runs[0].run_id}:\n" + _cluster_module().sbatch_script(
+                args.job_options, _submitit_root(args) / runs[0].run_id, runs[0].run_id, PROJECT_ROOT,
+                python=sys.executable))
         return 0
     scheduler = execute(args, runs, grid, fixed, sweep_id, slots)
     show_summary(runs, scheduler.data["runs"], grid, fixed, sweep_id, args.plot_x)

@@ -4,8 +4,12 @@ Files of a run under ``<output root>/reports/`` (the output root is ``--output_r
 
 * ``R<hash>.txt`` — the seed's human-readable report: ``Process ID``, ``Status``, ``Hyperparameters: {json}``,
   ``Run info: {json}``, then ``[YYYY-MM-DD HH:MM:SS] message`` lines (progress lines among them);
-* ``R<hash>.status.json`` — the machine-readable status (``status``, ``detail``, ``pid``, ``updated``), rewritten
-  atomically on every change; every reader (``read_report``, the sweeps) takes the status from here;
+* ``R<hash>.status.json`` — the machine-readable status (``status``, ``detail``, ``pid``, ``attempt``, ``updated``),
+  rewritten atomically on every change; every reader (``read_report``, the sweeps) takes the status from here;
+
+``attempt`` (also the report's ``Attempt:`` line) is the token a sweep master gave this attempt in the environment
+variable :data:`ATTEMPT_ENV`, echoed back so that the master recognises its attempt whatever launched it (a local
+process, a SLURM job on another host: process ids do not identify those).
 * ``R<hash>.metrics.jsonl`` — one JSON record per progress check.
 
 Ground floor: imports nothing of the project.
@@ -30,6 +34,7 @@ import torch
 from src.records import lock_holder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ATTEMPT_ENV = "DOL1_ATTEMPT"  # a sweep master's token for one attempt of a run, echoed in the status and the report
 
 
 @dataclass(frozen=True)
@@ -221,11 +226,14 @@ def _replace_header(path: Path, values: Mapping[str, str]) -> None:
     os.replace(tmp, path)
 
 
-def write_status(reports_dir: Path, run: str, status: str, detail: str | None = None, pid: int | None = None) -> None:
-    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line."""
+def write_status(reports_dir: Path, run: str, status: str, detail: str | None = None, pid: int | None = None,
+                 attempt: str | None = None) -> None:
+    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line.
+
+    ``attempt`` is the sweep master's token of this attempt (None outside a sweep)."""
     write_json_atomic(reports_dir / f"{run}.status.json", {
         "run_id": run, "status": status, "detail": detail, "pid": os.getpid() if pid is None else pid,
-        "updated": datetime.now().isoformat()})
+        "attempt": attempt, "updated": datetime.now().isoformat()})
     report = reports_dir / f"{run}.txt"
     if report.exists():
         _replace_header(report, {"Status": status + (f" ({detail})" if detail else "")})
@@ -244,7 +252,8 @@ class Reporter:
     """Run logger: the report ``R<hash>.txt``, its status file ``R<hash>.status.json`` and the metrics file.
 
     Header lines of the report: ``Process ID``, ``Status`` (alive, then finished / stopped / failed / interrupted),
-    ``Hyperparameters: {json}``, ``Run info: {json}`` (torch version, device, git commit, plugins...), then any
+    ``Attempt`` (the sweep's token of this attempt, ``-`` outside a sweep), ``Hyperparameters: {json}``,
+    ``Run info: {json}`` (torch version, device, git commit, plugins...), then any
     ``extra_header`` lines (``Key: {json}``). A report of the same run id that already exists is renamed
     ``R<hash>.<n>.txt`` first, together with its status and metrics files, so re-running never destroys an earlier
     result — unless ``resume`` is set: then the existing report is continued (new process id, status alive).
@@ -256,14 +265,17 @@ class Reporter:
         run: the run id (default: ``run_id(H)``).
         resume: continue an existing report instead of archiving it.
         extra_header: more ``Key: {json}`` header lines for a new report.
+        attempt: the sweep master's token of this attempt (``dol1.py`` passes ``$DOL1_ATTEMPT``), written in the
+            status file and the report.
     """
 
     STATUSES = ("alive", "finished", "stopped", "diverged", "failed", "interrupted")
 
     def __init__(self, H: Mapping[str, Any], reports_dir: str | Path | None = None,
                  run_info: Mapping[str, Any] | None = None, *, run: str | None = None, resume: bool = False,
-                 extra_header: Mapping[str, Any] | None = None):
+                 extra_header: Mapping[str, Any] | None = None, attempt: str | None = None):
         self.H = dict(H)
+        self.attempt = attempt or None
         self.run_id = run or run_id(self.H)
         self.dir = Path(reports_dir) if reports_dir else Paths().reports
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -272,17 +284,17 @@ class Reporter:
         self.metrics_path = self.dir / f"{self.run_id}.metrics.jsonl"
         self.status = "alive"
         if resume and self.path.exists():
-            _replace_header(self.path, {"Process ID": str(os.getpid())})
+            _replace_header(self.path, {"Process ID": str(os.getpid()), "Attempt": self.attempt or "-"})
         else:
             archive_run(self.dir, self.run_id)
             info = {"torch": torch.__version__, "git_commit": git_commit(), **(run_info or {})}
             extra = "".join(f"{k}: {json.dumps(v, sort_keys=True, default=str)}\n"
                             for k, v in (extra_header or {}).items())
-            self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\n"
+            self.path.write_text(f"Process ID: {os.getpid()}\nStatus: alive\nAttempt: {self.attempt or '-'}\n"
                                  f"Hyperparameters: {json.dumps(self.H, sort_keys=True)}\n"
                                  f"Run info: {json.dumps(info, sort_keys=True, default=str)}\n" + extra)
             self.metrics_path.touch()
-        write_status(self.dir, self.run_id, "alive")
+        write_status(self.dir, self.run_id, "alive", attempt=self.attempt)
 
     def log(self, message: str) -> None:
         """Append ``[YYYY-MM-DD HH:MM:SS] message``."""
@@ -307,7 +319,7 @@ class Reporter:
         if status not in self.STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {list(self.STATUSES)}")
         self.status = status
-        write_status(self.dir, self.run_id, status, detail)
+        write_status(self.dir, self.run_id, status, detail, attempt=self.attempt)
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         """Close the run with a final status and, where given, the reason."""
@@ -344,7 +356,8 @@ def _header_value(lines: list[str], key: str) -> str | None:
 
 
 def read_report(path: str | Path) -> dict[str, Any]:
-    """A run's header and status: ``pid``, ``status``, ``status_detail``, ``H`` (hyper-parameters), ``run_info``.
+    """A run's header and status: ``pid``, ``status``, ``status_detail``, ``attempt`` (the sweep's token, or None),
+    ``H`` (hyper-parameters), ``run_info``.
 
     The status comes from the status file beside the report (``R<hash>.status.json``); the header lines are found
     by their names, not their positions. A report without a status file (written by an older version) falls back
@@ -362,13 +375,15 @@ def read_report(path: str | Path) -> dict[str, Any]:
     info, record = _header_value(lines, "Run info"), _header_value(lines, "Reproducibility")
     try:
         state = json.loads(status_path(path).read_text())
-        status, detail = state["status"], state.get("detail")
+        status, detail, attempt = state["status"], state.get("detail"), state.get("attempt")
         if not isinstance(status, str):
             raise TypeError(f"status {status!r} is not a string")
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # missing or damaged: the report's own line
         name, _, rest = (_header_value(lines, "Status") or "unknown").partition(" (")
         status, detail = name, rest.rstrip(")") or None
+        attempt = _header_value(lines, "Attempt")
     if status == "alive" and not process_alive(path.parent, path.name.removesuffix(".txt"), int(pid)):
         status, detail = "died", f"process {pid} is gone without closing its report (killed, out of memory, …)"
     return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
+            "attempt": attempt if attempt not in (None, "-") else None,
             "run_info": json.loads(info) if info else {}, "reproducibility": json.loads(record) if record else {}}

@@ -111,7 +111,8 @@ def recover_dead_holder(files: RunFiles) -> str | None:
         return None
     detail = (f"died: process {state.get('pid')} ended without closing its report (SIGKILL, out of memory or "
               f"power loss); found by the next run of {files.run}")
-    write_status(files.paths.reports, files.run, "failed", detail, pid=state.get("pid"))
+    write_status(files.paths.reports, files.run, "failed", detail, pid=state.get("pid"),
+                 attempt=state.get("attempt"))
     return f"The previous attempt (pid {state.get('pid')}) had died without closing its report: marked failed"
 
 

@@ -25,7 +25,9 @@ payload × (n − 1) receivers per broadcast (the control messages, 8·(n + 2) b
 
 Launch: ``train_blockwise_distributed`` spawns ranks 1 … n−1 (see ``worker_pool``), or, under ``torchrun``, joins
 the process group from the environment while ``dol1.py`` sends ranks > 0 to ``torchrun_worker``. ``n_workers = 0``
-means one worker per block, capped at the CPU cores this process may use (CPU) or at the visible GPUs (CUDA).
+means one worker per block, capped at the run's thread budget (CPU: the cores this process may use, capped by
+``OMP_NUM_THREADS`` as master.py sets it per slot; ``worker_pool.thread_budget``) or at the visible GPUs (CUDA); the
+spawned ranks share that budget, ``budget // ranks`` threads each.
 
 Test hook: a spawned or torchrun worker whose rank equals the environment variable ``BLOCKWISE_TEST_FAIL_RANK``
 raises a RuntimeError at the start of round ``BLOCKWISE_TEST_FAIL_ROUND`` (default 1).
@@ -57,8 +59,8 @@ from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_h
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
-from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, available_cpus,
-                                               loopback_only)
+from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, loopback_only,
+                                               thread_budget)
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
@@ -279,7 +281,7 @@ def _torchrun_failure(world_size: int) -> WorkerFailed | None:
 def _plan(frame: Disributed_frame, env: TorchrunEnv | None) -> WorkerPlan:
     if env is not None:
         return torchrun_plan(frame.n_blocks, env, frame.device)
-    return plan_workers(frame.n_blocks, frame.H["n_workers"], gpu_count(frame.device), available_cpus(),
+    return plan_workers(frame.n_blocks, frame.H["n_workers"], gpu_count(frame.device), thread_budget(),
                         first_gpu=frame.device.index or 0)
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,15 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(environ: Mapping[str, str] | None = None) -> int:
+    """The threads a whole run may use: the cores it may run on, capped by ``OMP_NUM_THREADS`` when that is set
+    (master.py sets it per slot): a multi-process run shares this among its workers, so 8 slots x 4 workers on
+    16 cores run 16 threads (1 each at a cap of 2, with 2 auto workers), not 8 x 4 x 4."""
+    env = os.environ if environ is None else environ
+    cap = env.get("OMP_NUM_THREADS", "").strip()
+    return min(available_cpus(), int(cap)) if cap.isdigit() and int(cap) > 0 else available_cpus()
 
 
 # --------------------------------------------------------------------------------------------------------------------

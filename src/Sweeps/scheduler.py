@@ -5,11 +5,17 @@ can be started again: runs that are done are skipped, runs whose process is stil
 never started twice), failed runs are retried up to ``max_attempts`` failures. Where runs execute (device slots)
 and how they are started and watched (launchers) is :mod:`src.Sweeps.launchers`.
 
+Every attempt gets a token (``<run id>.<attempt>.<random>``), saved in the tracker before the start and handed to
+the child as ``$DOL1_ATTEMPT``; ``dol1.py`` writes it into the run's status file and report. An attempt's outcome is
+read from the report that carries its token, so it is judged the same way whatever ran it (a local process, a
+SLURM job on another host whose process id means nothing here).
+
 Nothing here prints: the loop reports through an ``on_event(kind, run, entry)`` callback.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from src.records import lock_holder
-from src.reporting import read_metrics, read_report, write_json_atomic
+from src.reporting import ATTEMPT_ENV, read_metrics, read_report, read_status, write_json_atomic
 from src.Sweeps.grid import Run
 from src.Sweeps.launchers import Handle, Launcher, LocalLauncher, Slot
 from src.Sweeps.tracker import STATES, now, read_tracker
@@ -72,6 +78,7 @@ class Scheduler:
     grace: float = 30.0
     poll_interval: float = 0.5
     on_event: Callable[[str, Run | None, dict[str, Any] | None], None] = lambda kind, run, entry: None
+    torchrun_procs: Callable[[Run], int] = lambda run: 1  # > 1: the run is one torchrun of that many processes
     stop_requests: int = 0
 
     def __post_init__(self) -> None:
@@ -91,7 +98,12 @@ class Scheduler:
         self._saved_at = time.monotonic()
 
     def command(self, run: Run) -> list[str]:
-        return [self.python, str(self.dol1), *run.argv]
+        """The run's ``dol1.py`` command line; under ``torchrun`` (one process per GPU, on one node) for a run that
+        ``torchrun_procs`` gives more than one process."""
+        procs = self.torchrun_procs(run)
+        launch = [self.python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                  f"--nproc_per_node={procs}"] if procs > 1 else [self.python]
+        return [*launch, str(self.dol1), *run.argv]
 
     def request_stop(self) -> None:
         """Called from a signal handler: the first request stops gracefully, a second one kills at once."""
@@ -99,17 +111,21 @@ class Scheduler:
 
     # --- outcomes ---
     def _from_report(self, run: Run, entry: dict[str, Any], since: float) -> str:
-        """The outcome of an attempt whose exit code the master never saw, from the run's report."""
+        """The outcome of an attempt whose exit code the master never saw, from the report that carries its token
+        (an attempt adopted without one: the report of its pid, else a report written since it started)."""
         try:
             info = read_report(run.report)
-            fresh = info["pid"] == entry["pid"] if entry.get("pid") else run.report.stat().st_mtime >= since - 1
+            if entry.get("token"):
+                fresh = info["attempt"] == entry["token"]
+            else:
+                fresh = info["pid"] == entry["pid"] if entry.get("pid") else run.report.stat().st_mtime >= since - 1
         except (OSError, ValueError, IndexError, KeyError):
             info, fresh = None, False
         if info is not None and fresh:
             entry["detail"] = info["status_detail"]
             return _REPORT_OUTCOME.get(info["status"], "failed")
         # no report of this attempt: never confirmed started (interrupted) or died before writing it (failed)
-        return "interrupted" if entry.get("pid") is None else "failed"
+        return "interrupted" if entry.get("pid") is None and entry.get("job_id") is None else "failed"
 
     def _report_status(self, run: Run) -> str | None:
         try:
@@ -132,12 +148,18 @@ class Scheduler:
         return True
 
     def _live(self, run: Run) -> Handle | None:
-        """The process running this run now, started by anyone: the holder of the run's lock (a run claims it
-        before its first write), else a process with exactly this command line (one still starting up)."""
+        """The attempt running this run now, started by anyone: what the launcher finds by the run's id (an
+        attempt's token in a process's environment, a queued or running job of that name) or command line, else the
+        holder of the run's lock (a run started by hand claims it before its first write)."""
+        found = self.launcher.find(run.run_id, self.command(run))
+        if found is not None:
+            return found
         pid = lock_holder(run.reports_dir, run.run_id)
         if pid is not None and pid > 0:
-            return Handle(pid, None, tuple(self.command(run)), lock=(run.reports_dir, run.run_id))
-        return self.launcher.find(self.command(run))
+            state = read_status(run.reports_dir, run.run_id) or {}
+            return Handle(pid, None, tuple(self.command(run)), lock=(run.reports_dir, run.run_id),
+                          token=state.get("attempt") if state.get("pid") == pid else None)
+        return None
 
     def _finish(self, active: _Active) -> None:
         run, handle, entry = active.run, active.handle, self.entry(active.run)
@@ -192,7 +214,9 @@ class Scheduler:
         return None
 
     def _adopt(self, run: Run, handle: Handle, entry: dict[str, Any], since: float) -> None:
-        entry.update(status="running", pid=handle.pid)
+        # a job found by name before its run started shows no token yet: it is the attempt this tracker saved
+        token = handle.token or (entry.get("token") if handle.job_id is not None else None)
+        entry.update(status="running", pid=handle.pid, job_id=handle.job_id, token=token)
         self.active.append(_Active(run, handle, self._free_slot(entry.get("device")), since))
         self.save()
         self.on_event("adopt", run, entry)
@@ -205,21 +229,22 @@ class Scheduler:
             return
         if self._ended_elsewhere(run, entry):  # someone else ran it meanwhile
             return
-        entry.update(status="running", attempts=entry["attempts"] + 1, pid=None, device=slot.device,
-                     rounds_done=0, exit_code=None, detail=None, started=now(), ended=None)
-        self.save()  # before the start: a master killed in between finds the run by its command line
+        token = f"{run.run_id}.{entry['attempts'] + 1}.{secrets.token_hex(3)}"
+        entry.update(status="running", attempts=entry["attempts"] + 1, pid=None, job_id=None, token=token,
+                     device=slot.device, rounds_done=0, exit_code=None, detail=None, started=now(), ended=None)
+        self.save()  # before the start: a master killed in between finds the attempt by its token or job name
         run.log.parent.mkdir(parents=True, exist_ok=True)
         with open(run.log, "a") as log:
             log.write(f"=== {now()} master.py: attempt {entry['attempts']} on {slot.device}: {command}\n")
         since = time.time()
         try:
-            handle = self.launcher.start(command, dict(slot.env), run.log)
+            handle = self.launcher.start(command, {**dict(slot.env), ATTEMPT_ENV: token}, run.log, run.run_id)
         except OSError as err:
             entry.update(status="failed", failures=entry["failures"] + 1, detail=f"could not start: {err}",
                          ended=now())
             self._settle(run, entry)
             return
-        entry["pid"] = handle.pid
+        entry.update(pid=handle.pid, job_id=handle.job_id)
         self.active.append(_Active(run, handle, slot, since))
         self.save()
         self.on_event("launch", run, entry)
@@ -233,7 +258,7 @@ class Scheduler:
         for run in self.runs:
             entry = self.data["runs"].setdefault(run.run_id, {
                 "status": "pending", "attempts": 0, "failures": 0, "pid": None, "device": None, "exit_code": None,
-                "started": None, "ended": None, "detail": None, "rounds_done": 0})
+                "started": None, "ended": None, "detail": None, "rounds_done": 0, "token": None, "job_id": None})
             entry.update(overrides=run.overrides, H=run.H, argv=run.argv, rounds_total=run.H["rounds"],
                          report=str(run.report), log=str(run.log))
             if entry["status"] in ENDED:
