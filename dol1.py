@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_samples": 2048,  # samples of the big training batch and of the test split used per progress check
     "units_file": "",  # plugin list ("" = measurements/Units.txt)
     "output_root": "",  # folder that holds reports/, figures/, measurements/ ("" = the project folder)
+    "tensorboard": False,  # also write TensorBoard event files to <output_root>/tensorboard/R<hash>/ (needs tensorboard)
     # --- stopping ---
     "early_stop_patience": 0,  # progress checks without improvement before stopping (0 = off)
     "early_stop_monitor": "test_loss",  # loss | accuracy | test_loss | test_accuracy
@@ -68,7 +69,6 @@ DEFAULTS: dict[str, Any] = {
     "measure_only": "",  # a run id R<hash> (or one of its files): run the measurement units on its saved model
     "deterministic": False,  # torch.use_deterministic_algorithms(True), and cuDNN's deterministic flags on GPU
 }
-
 
 
 def _help_texts() -> dict[str, str]:
@@ -98,6 +98,7 @@ from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, fin
                                      draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
                                      resume_notes, save_model, settings_defaults, units_text, write_config)
 from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
+from src.Buliding_Units.tensorboard_log import check_tensorboard, with_tensorboard  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
@@ -163,6 +164,7 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"{world} identical copies. Use a multi-process mode "
            f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
     stoppers(H)
+    check_tensorboard(H)
     return spec
 
 
@@ -285,7 +287,7 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
     """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
     or interrupted)."""
     previous = _signal_handlers(frame)
-    progress = progress or _Progress(frame)
+    progress = with_tensorboard(frame, progress or _Progress(frame))  # progress itself when --tensorboard is off
     try:
         spec.run(frame, progress)
         if hasattr(progress, "close"):
