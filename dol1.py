@@ -102,6 +102,7 @@ from src.Buliding_Units.tensorboard_log import check_tensorboard, with_tensorboa
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.Optimizer_Engines.ddp_engine import check_slurm_tasks  # noqa: E402
 from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import Paths, Reporter, format_progress  # noqa: E402
@@ -158,6 +159,7 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"--training_mode blockwise_sequential)")
     _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
            f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
+    check_slurm_tasks()  # srun with several tasks but no torchrun: refused with a hint
     world = (torchrun_env() or torchrun_env({"RANK": "0", "WORLD_SIZE": "1"})).world_size
     _check(world == 1 or spec.torchrun_worker is not None,
            f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={world} it would run "

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import dol1
-from src.Optimizer_Engines.ddp_engine import ddp_worker, shard, step_bytes
+from src.cli import ConfigError
+from src.Optimizer_Engines.ddp_engine import check_slurm_tasks, ddp_worker, shard, step_bytes
 
 ROOT = Path(dol1.__file__).resolve().parent
 ARGS = ["--model", "mlp", "--config", "[16]", "--dataset_name", "digits_flat", "--rounds", "8",
@@ -86,3 +87,30 @@ def test_ddp_worker_is_for_ranks_above_zero(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="ranks > 0"):
         ddp_worker(dict(dol1.DEFAULTS))
+
+
+@pytest.mark.parametrize("environ, refused", [
+    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS=4"),  # srun -n 4 python dol1.py
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NUM_TASKS=2"),  # srun's own count first
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun --ntasks 1 inside a larger allocation
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "2", "RANK": "1", "WORLD_SIZE": "2"}, None),  # torchrun inside the job set the group up
+    ({}, None),
+])
+def test_srun_with_several_tasks_but_no_torchrun_is_refused(environ, refused):
+    if refused is None:
+        check_slurm_tasks(environ)
+        return
+    with pytest.raises(ConfigError, match=refused) as info:
+        check_slurm_tasks(environ)
+    assert "torchrun" in str(info.value) and "srun --ntasks 1" in str(info.value)
+
+
+def test_srun_refusal_exits_2_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(SystemExit) as info:
+        dol1.main(ARGS[:-1] + ["entire", "--output_root", str(tmp_path)])
+    assert info.value.code == 2
+    assert "SLURM_NTASKS=2" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

@@ -19,11 +19,12 @@ backward pass, so the whole step counts as compute time.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,33 @@ STOP = -1  # the command that ends the other ranks' loop
 COLLECTIVE_TIMEOUT_S = 2 * 3600  # backstop only: ranks > 0 wait in a collective while rank 0 evaluates or measures
 
 
-def data_parallel_env(environ: Any = None) -> TorchrunEnv | None:
+def data_parallel_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None:
     """The torchrun environment when this process is one of several (world size > 1), else None."""
     env = torchrun_env(environ)
     return env if env is not None and env.world_size > 1 else None
+
+
+def check_slurm_tasks(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``srun python dol1.py`` with several tasks but without torchrun's variables: every task would run the
+    whole experiment as its own rank 0 and write the same run. (dol1.py does not map SLURM's variables to a process
+    group itself, as submitit's ``TorchDistributedEnvironment`` does: torchrun inside the job does that, once.)
+
+    The task count is srun's ``SLURM_STEP_NUM_TASKS``, else ``SLURM_NTASKS``.
+
+    Raises:
+        ConfigError: naming the variable, its value and the two ways to start the run.
+    """
+    env = os.environ if environ is None else environ
+    if torchrun_env(env) is not None:
+        return
+    name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    tasks = env.get(name, "1")
+    if tasks.strip().isdigit() and int(tasks) > 1:
+        raise ConfigError(f"dol1.py was started as {tasks} SLURM tasks ({name}={tasks}) without torchrun's "
+                          f"variables (RANK, WORLD_SIZE): each task would run the whole experiment. Start one task "
+                          f"(srun --ntasks 1 python dol1.py ...), or one task per node running torchrun (srun "
+                          f"--ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES --nproc_per_node N --rdzv_backend "
+                          f"c10d --rdzv_endpoint <first node>:29500 dol1.py ...; see the README, 'Beyond one machine')")
 
 
 def shard(batch: int, rank: int, world: int) -> slice:
