@@ -90,7 +90,9 @@ def test_ddp_worker_is_for_ranks_above_zero(monkeypatch):
 
 
 @pytest.mark.parametrize("environ, refused", [
-    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS=4"),  # srun -n 4 python dol1.py
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, "SLURM_NTASKS=4"),  # srun -n 4 python dol1.py (older Slurm)
+    ({"SLURM_NTASKS": "4", "SLURM_STEPID": "0"}, "SLURM_NTASKS=4"),
+    ({"SLURM_NTASKS": "4"}, None),  # the batch script itself under sbatch --ntasks 4: one process
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NUM_TASKS=2"),  # srun's own count first
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun --ntasks 1 inside a larger allocation
     ({"SLURM_NTASKS": "1"}, None),
@@ -110,6 +112,7 @@ def test_srun_refusal_exits_2_before_anything_is_written(tmp_path, monkeypatch, 
     for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     with pytest.raises(SystemExit) as info:
         dol1.main(ARGS[:-1] + ["entire", "--output_root", str(tmp_path)])
     assert info.value.code == 2

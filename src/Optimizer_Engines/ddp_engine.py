@@ -53,7 +53,9 @@ def check_slurm_tasks(environ: Mapping[str, str] | None = None) -> None:
     whole experiment as its own rank 0 and write the same run. (dol1.py does not map SLURM's variables to a process
     group itself, as submitit's ``TorchDistributedEnvironment`` does: torchrun inside the job does that, once.)
 
-    The task count is srun's ``SLURM_STEP_NUM_TASKS``, else ``SLURM_NTASKS``.
+    The task count is srun's ``SLURM_STEP_NUM_TASKS``, else ``SLURM_NTASKS`` inside a job step (``SLURM_STEP_ID``
+    set). A batch script's own process (``sbatch --ntasks 4`` sets ``SLURM_NTASKS`` but starts one process, with no
+    step variables) is not refused.
 
     Raises:
         ConfigError: naming the variable, its value and the two ways to start the run.
@@ -62,7 +64,8 @@ def check_slurm_tasks(environ: Mapping[str, str] | None = None) -> None:
     if torchrun_env(env) is not None:
         return
     name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
-    tasks = env.get(name, "1")
+    in_step = "SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    tasks = env.get(name, "1") if in_step else "1"
     if tasks.strip().isdigit() and int(tasks) > 1:
         raise ConfigError(f"dol1.py was started as {tasks} SLURM tasks ({name}={tasks}) without torchrun's "
                           f"variables (RANK, WORLD_SIZE): each task would run the whole experiment. Start one task "
