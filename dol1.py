@@ -23,7 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` finds `src`
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from src.cli import ConfigError, key_comments, parse_arguments  # noqa: E402 - after the path fix above
+from src.cli import ConfigError, key_comments, parse_arguments, settings_argv  # noqa: E402 - after the path fix above
 from src.Optimizer_Engines import declared_engines, engine_table  # noqa: E402 - imports no engine, no torch
 
 DEFAULTS: dict[str, Any] = {
@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "plot_x": "samples",  # x-axis of the training curve: samples | round | steps | forward_sample_passes | wall_time
     "units_file": "",  # plugin list ("" = measurements/Units.txt)
     "output_root": "",  # folder that holds reports/, figures/, measurements/ ("" = the project folder)
+    "tensorboard": False,  # also write TensorBoard event files to <output_root>/tensorboard/R<hash>/
     # --- stopping ---
     "early_stop_patience": 0,  # progress checks without improvement before stopping (0 = off)
     "early_stop_monitor": "test_loss",  # loss | accuracy | test_loss | test_accuracy
@@ -74,7 +75,6 @@ DEFAULTS: dict[str, Any] = {
     "measure_only": "",  # a run id R<hash> (or one of its files): run the measurement units on its saved model
     "deterministic": False,  # torch.use_deterministic_algorithms(True), and cuDNN's deterministic flags on GPU
 }
-
 
 
 def _help_texts() -> dict[str, str]:
@@ -103,11 +103,13 @@ from src.Buliding_Units.plugins import parse_units  # noqa: E402
 from src.Buliding_Units.schedules import check_schedules  # noqa: E402
 from src.Buliding_Units.runs import (RESUME_MODES, RunFiles, check_writable, find_resume,  # noqa: E402
                                      draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
-                                     resume_notes, save_model, settings_defaults, units_text, write_config)
-from src.Buliding_Units.StopperUnit import StopperUnit, stoppers_from_settings  # noqa: E402
+                                     load_run, resume_notes, save_model, settings_defaults, units_text, write_config)
+from src.Buliding_Units.StopperUnit import stoppers_from_settings  # noqa: E402
+from src.Buliding_Units.tensorboard_log import check_tensorboard, with_tensorboard  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.Optimizer_Engines.ddp_engine import check_slurm_tasks  # noqa: E402
 from src.Optimizer_Engines.worker_plan import torchrun_env, torchrun_rank  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import ATTEMPT_ENV, Paths, Reporter, format_progress  # noqa: E402
@@ -174,25 +176,22 @@ def validate(H: dict[str, Any]) -> EngineSpec:
         raise ConfigError(f"--{err}") from err
     _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
            f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
+    check_slurm_tasks()  # srun with several tasks but no torchrun: refused with a hint
     world = (torchrun_env() or torchrun_env({"RANK": "0", "WORLD_SIZE": "1"})).world_size
     _check(world == 1 or spec.torchrun_worker is not None,
            f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={world} it would run "
            f"{world} identical copies. Use a multi-process mode "
            f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
-    stoppers(H)
+    stoppers_from_settings(H)
+    check_tensorboard(H)
     return spec
 
 
-def stoppers(H: dict[str, Any]) -> list[StopperUnit]:
-    """The stoppers asked for by H's keys; the non-finite check is always first."""
-    return stoppers_from_settings(H)
-
-
-def resolve_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv`` against DEFAULTS and validate; argparse errors exit 2, other bad values raise ConfigError."""
+def resolve_config(argv: Sequence[str] | None = None, raise_errors: bool = False) -> dict[str, Any]:
+    """Parse and validate ``argv``: ConfigError for bad values (argparse exits 2 unless ``raise_errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     H = parse_arguments(settings_defaults(argv, DEFAULTS), argv, help_texts=_help_texts(), prog="dol1.py",
-                        description=__doc__.split("\n\n")[0], bare={"resume": "yes"})
+                        description=__doc__.split("\n\n")[0], bare={"resume": "yes"}, raise_errors=raise_errors)
     if isinstance(H["target_value"], int) and not isinstance(H["target_value"], bool):
         H["target_value"] = float(H["target_value"])  # 1 and 1.0 are one experiment (and one run id)
     validate(H)
@@ -238,7 +237,7 @@ def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | Non
             cannot measure this model.
     """
     text, source = units or units_text(H)
-    frame = generate_ModelFrame(H, units=stoppers(H) + parse_units(text, source),
+    frame = generate_ModelFrame(H, units=stoppers_from_settings(H) + parse_units(text, source),
                                 paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
     frame.run, frame.units_text = experiment_id(H, text), text
     try:
@@ -305,7 +304,7 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
     """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
     or interrupted)."""
     previous = _signal_handlers(frame)
-    progress = progress or _Progress(frame)
+    progress = with_tensorboard(frame, progress or _Progress(frame))  # progress itself when --tensorboard is off
     try:
         spec.run(frame, progress)
         if hasattr(progress, "close"):
@@ -376,12 +375,12 @@ def measure_only(H: dict[str, Any]) -> Frame:
     return frame
 
 
-def main(argv: Sequence[str] | None = None) -> Frame | None:
+def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame | None:
     """Run one experiment: resolve → open (claim, resume) → train; returns the trained Frame (None on a torchrun
-    rank > 0)."""
+    rank > 0). Bad input exits 2 and a live run 3, or they raise (ConfigError, RunLocked) with ``raise_errors``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        H = resolve_config(argv)
+        H = resolve_config(argv, raise_errors)
         spec = resolve_engine(H["training_mode"])
         if H["deterministic"]:
             set_deterministic()
@@ -394,9 +393,13 @@ def main(argv: Sequence[str] | None = None) -> Frame | None:
             return None
         frame, claim = open_run(H, spec, argv)
     except ConfigError as err:
+        if raise_errors:
+            raise
         print(f"dol1.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunLocked as err:
+        if raise_errors:
+            raise
         run = run_identity(H)
         print(f"dol1.py: error: run {run} is already running (pid {err}); report: "
               f"{Paths.for_output_root(H['output_root']).report(run)}", file=sys.stderr)
@@ -405,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> Frame | None:
         return train(frame, spec)
     finally:
         claim.release()
+
+
+def run(**settings: Any) -> Frame | None:
+    """The notebook API: ``run(model="mlp", rounds=50)`` is ``python dol1.py --model mlp --rounds 50`` returning the
+    Frame; a bad key or value raises the ConfigError the command line prints. Reopen runs with ``load_run``."""
+    return main(settings_argv(settings), raise_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,9 +16,16 @@ class ConfigError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: …``, exit status 2) without the usage block."""
+    """argparse, but a usage error is one line (``prog: error: …``, exit status 2) without the usage block; with
+    ``raise_errors``, a ConfigError with the same message instead of the exit."""
+
+    def __init__(self, *args: Any, raise_errors: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.raise_errors = raise_errors
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.raise_errors:
+            raise ConfigError(message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -93,7 +101,8 @@ def key_comments(source: str) -> dict[str, str]:
 
 def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = None,
                     help_texts: Mapping[str, str] | None = None, description: str | None = None,
-                    prog: str | None = None, bare: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    prog: str | None = None, bare: Mapping[str, Any] | None = None,
+                    raise_errors: bool = False) -> dict[str, Any]:
     """Turn a dict of defaults into a strict command line and parse ``argv``.
 
     Every key becomes ``--key VALUE`` (or ``--key=VALUE``). Values are Python literals, so
@@ -108,12 +117,13 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
         description: shown at the top of ``--help``.
         prog: program name for messages.
         bare: key -> the value a flag given without a value stands for (``--resume`` alone = ``yes``).
+        raise_errors: raise ConfigError with the message instead of exiting (the notebook API, ``dol1.run``).
 
     Returns:
         A new dict: the defaults with the given flags applied.
     """
     help_texts, bare = help_texts or {}, bare or {}
-    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False, raise_errors=raise_errors,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, default in defaults.items():
         optional = {"nargs": "?", "const": bare[key]} if key in bare else {}
@@ -121,6 +131,26 @@ def parse_arguments(defaults: Mapping[str, Any], argv: Sequence[str] | None = No
                             metavar="VALUE" if default is None else _type_name(default).split(" ")[0].upper(),
                             help=help_texts.get(key, " "), **optional)
     return vars(parser.parse_args(_join_negative_values(argv, defaults)))
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy or torch scalar
+        value = value.item()
+    return repr(value)
+
+
+def settings_argv(settings: Mapping[str, Any]) -> list[str]:
+    """The command line ``--key=value …`` that sets ``settings`` (a notebook call's keyword arguments), so they are
+    checked by exactly the command line's rules and get its messages (an unknown key: ``unrecognized arguments``).
+
+    A string is passed as it is, a path as its text, anything else as its Python literal (``repr``): ``rounds=50``
+    is ``--rounds=50``, ``config=[8, 8]`` is ``--config=[8, 8]``.
+    """
+    return [f"--{key}={_as_text(value)}" for key, value in settings.items()]
 
 
 def _join_negative_values(argv: Sequence[str] | None, defaults: Mapping[str, Any]) -> Sequence[str] | None:

@@ -33,7 +33,8 @@ import torch
 
 # settings that say where or how a run executes, not what it computes: they never change the run id
 PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_workers", "checkpoint_every", "resume",
-                  "settings_file", "measure_only", "plot_x")  # plot_x: how the curve is drawn, not what is computed
+                  "settings_file", "measure_only", "plot_x",
+                  "tensorboard")  # plot_x: how the curve is drawn, not what is computed
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 

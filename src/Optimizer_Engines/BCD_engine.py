@@ -19,6 +19,7 @@ from typing import Callable
 
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines import register_engine
+from src.Optimizer_Engines.ddp_engine import data_parallel_env, ddp_worker, train_data_parallel
 from src.Optimizer_Engines.loop import (RoundBatches, active_blocks, count_step, local_steps, round_batches, sync,
                                         training_loop)
 
@@ -88,9 +89,11 @@ def entire_step(frame: Frame, round_index: int) -> float:
     return 0.0
 
 
-@register_engine("entire")
+@register_engine("entire", torchrun_worker=ddp_worker)
 def train_entire(frame: Frame, progress: Callable[[int, int], None] | None = None) -> Frame:
-    """Vanilla training of the whole model: one round = one optimiser step."""
+    """Vanilla training of the whole model: one round = one optimiser step (DistributedDataParallel under torchrun)."""
+    if data_parallel_env() is not None:  # torchrun with world size > 1: see ddp_engine.py
+        return train_data_parallel(frame, progress)
     return training_loop(frame, entire_step, progress)
 
 
