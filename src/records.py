@@ -35,6 +35,10 @@ import torch
 PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_workers", "checkpoint_every", "resume",
                   "settings_file", "measure_only", "plot_x",
                   "tensorboard")  # plot_x: how the curve is drawn, not what is computed
+# the asynchronous engines: there n_workers changes the algorithm (which blocks share a read), so it enters the id;
+# their own keys enter only their ids
+ASYNC_MODES = ("async", "async_sequential")
+ASYNC_KEYS = ("max_staleness", "worker_speeds", "step_time")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
@@ -44,7 +48,11 @@ class RunLocked(RuntimeError):
 
 def identity(H: Mapping[str, Any], units_text: str) -> dict[str, Any]:
     """The settings a run id hashes: H without the placement keys, plus the units file's text."""
-    return {**{k: v for k, v in H.items() if k not in PLACEMENT_KEYS}, "units_text": units_text}
+    asynchronous = str(H.get("training_mode", "")) in ASYNC_MODES
+    kept = {k: v for k, v in H.items() if k not in PLACEMENT_KEYS or (asynchronous and k == "n_workers")}
+    if not asynchronous:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
+        kept = {k: v for k, v in kept.items() if k not in ASYNC_KEYS}
+    return {**kept, "units_text": units_text}
 
 
 def experiment_id(H: Mapping[str, Any], units_text: str) -> str:

@@ -93,9 +93,9 @@ def traced(frame):
     trace = []
     original = Simulator._write
 
-    def write(self, w):
-        original(self, w)
-        trace.append((self.clock, w, self.book.writes - 1 - self.book.read_at_last))
+    def write(self, w, K):
+        original(self, w, K)
+        trace.append((float(self.clock), w, self.book.writes - 1 - self.book.read_at_last))
 
     def on_write_tracking(book, w, _orig=StalenessBook.on_write):
         book.read_at_last = book.read_at[w]
@@ -211,3 +211,47 @@ def test_simulator_resumes_exactly_after_an_interrupt(tmp_path):
     figure = tmp_path / "whole" / "figures" / f"staleness_{whole.run_id}.png"
     assert figure.stat().st_size > 0 and f"Staleness histogram: {figure.with_suffix('.pdf')}" in \
         whole.reporter.path.read_text()
+
+
+def test_simulator_schedule_is_independent_of_the_time_unit():
+    """Virtual time is exact: rescaling step_time (no delay) changes no tie and so no trajectory."""
+    argv = [*TINY[:-6], "--config", "[16]", "--rounds", "12", "--K", "1", "--training_mode", "async_sequential",
+            "--worker_speeds", "[1, 3]"]
+    a = train(*argv, "--step_time", "0.008459776330097977")
+    b = train(*argv, "--step_time", "0.0078125")
+    assert a.history[-1]["staleness_histogram"] == b.history[-1]["staleness_histogram"]
+    assert all(torch.equal(x, y) for x, y in zip(a.center_model.state_dict().values(),
+                                                   b.center_model.state_dict().values()))
+
+
+def test_grouped_workers_with_a_random_model_are_jacobi_bit_for_bit():
+    """Workers owning several blocks compute them in block order at a synchronous read, as Jacobi does, so a model
+    that draws random numbers in training still matches."""
+    argv = ["--model", "feedforward_ensemble", "--config", "[[16], [8, 8]]", "--voting_method", "random",
+            "--dataset_name", "digits_flat", "--batch_size", "32", "--measurement_sampling_rate", "0",
+            "--cuda_core", "-1", "--report_sampling_rate", "2", "--rounds", "4", "--K", "2"]
+    jacobi = train(*argv, "--training_mode", "blockwise_sequential")
+    simulated = train(*argv, "--training_mode", "async_sequential", "--max_staleness", "0", "--n_workers", "2")
+    assert_bit_identical(jacobi, simulated)
+
+
+def test_n_workers_enters_the_id_of_asynchronous_runs_only():
+    from src.records import experiment_id
+    base = dol1.resolve_config(TINY + ["--training_mode", "async_sequential"])
+    assert experiment_id({**base, "n_workers": 2}, "") != experiment_id(base, "")
+    sync = dol1.resolve_config(TINY + ["--training_mode", "blockwise"])
+    assert experiment_id({**sync, "n_workers": 2}, "") == experiment_id(sync, "")
+    assert experiment_id({**sync, "max_staleness": 3, "worker_speeds": [1, 9]}, "") == experiment_id(sync, "")
+
+
+def test_a_checkpoint_describes_the_state_after_the_remote_work():
+    """The asynchronous server applies the updates in flight inside ``remote_state``: the counters saved must be
+    those after it."""
+    from src.Buliding_Units.checkpoint import frame_state
+    frame = frame_for(*TINY, "--training_mode", "async_sequential")
+
+    def remote():
+        frame.steps += 7
+        return {"copies": {}, "block_optimizers": {}, "rng": {}}
+    frame.remote_state = remote
+    assert frame_state(frame)["steps"] == 7

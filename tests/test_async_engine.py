@@ -38,7 +38,7 @@ def test_bound_zero_is_jacobi_bit_for_bit(argv):
     assert_bit_identical(jacobi, real)
     record = real.history[-1]
     assert record["staleness_max"] <= staleness_limit(0, real.n_blocks) and record["clock_gap_max"] == 0
-    assert record["updates_per_block"] == [real.round] * real.n_blocks and record["updates_dropped"] == 0
+    assert record["updates_per_block"] == [real.round] * real.n_blocks and record["updates_in_flight"] == 0
     assert multiprocessing.active_children() == []
 
 

@@ -74,6 +74,9 @@ def apply_copy_state(replica: nn.Module, centre: nn.Module, differences: dict[st
 def frame_state(frame: Frame) -> dict[str, Any]:
     """The checkpoint payload of ``frame`` at a round boundary (the engine's ``remote_state`` adds other ranks')."""
     copies = getattr(frame, "distributed_models", {})
+    # the other ranks' state first: an engine may finish work in flight there (the asynchronous server applies the
+    # updates in flight), and everything below must describe the state after it
+    remote = frame.remote_state() if frame.remote_state is not None else None
     state: dict[str, Any] = {
         "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round,
         **{key: getattr(frame, key) for key in COUNTERS}, "bytes_sent": frame.bytes_sent,
@@ -90,8 +93,7 @@ def frame_state(frame: Frame) -> dict[str, Any]:
         "batch_cursor": frame.batch_cursor, "current_lrs": list(frame.current_lrs), "pool_order": frame.pool_order,
         "engine": frame.engine_state() if frame.engine_state is not None else None,
     }
-    if frame.remote_state is not None:
-        remote = frame.remote_state()
+    if remote is not None:
         for key in ("copies", "block_optimizers", "rng"):
             state[key].update(remote[key])
     return state

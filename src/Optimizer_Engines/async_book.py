@@ -133,7 +133,7 @@ class StalenessBook:
     def record(self) -> dict[str, Any]:
         """The statistics logged with every progress record."""
         last = max((i for i, c in enumerate(self.histogram) if c), default=0)
-        return {"block_updates": self.block_updates, "worker_updates": list(self.done),
+        return {"worker_updates": list(self.done),
                 "updates_per_block": [self.applied[b] for b in sorted(self.applied)],
                 "staleness_mean": self.staleness_sum / self.writes if self.writes else 0.0,
                 "staleness_max": self.staleness_max, "staleness_histogram": self.histogram[:last + 1],
@@ -141,7 +141,7 @@ class StalenessBook:
                                           zip(self.worker_staleness, self.done)],
                 "worker_staleness_max": [high for _, high in self.worker_staleness],
                 "clock_gap_max": self.clock_gap_max, "max_staleness": self.bound,
-                "updates_in_flight": len(self.in_flight()), "updates_dropped": self.dropped}
+                "updates_in_flight": len(self.in_flight())}  # at the end: the updates dropped
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("n", "bound", "blocks_of", "done", "started", "read_at", "writes",

@@ -21,7 +21,7 @@ shape, and the server never stops receiving while a worker may be sending:
 A round ends once B block updates were applied; the reads a round's last write released are served after the next
 round's schedule changes. A checkpoint is a barrier: the server stops serving reads, applies the updates in flight,
 then every rank hands its state over (``distributed_state.gather_states``). At the end, updates in flight are
-received and dropped (``updates_dropped``), and every worker gets ``STOP``. Failures are those of the synchronous
+received and dropped (``updates_in_flight`` of the last record), and every worker gets ``STOP``. Failures are those of the synchronous
 multi-process engine (``worker_pool``): a worker that raises or dies ends the run within seconds with its traceback.
 With ``--max_staleness 0`` the engine computes the Jacobi algorithm, equal bit for bit to the sequential engine at
 the same number of threads per process.
@@ -51,7 +51,7 @@ from src.Optimizer_Engines.async_sim import async_summary, check_async, round_de
 from src.Optimizer_Engines.async_transport import (AsyncPlan, header as _header, make_plan, prepare, recv_tensors,
                                                    send_tensors)
 from src.Optimizer_Engines.distributed_state import gather_states, to_cpu
-from src.Optimizer_Engines.loop import RoundBatches, sync, training_loop
+from src.Optimizer_Engines.loop import RoundBatches, count_step, sync, training_loop
 from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerPool, loopback_only
 from src.Optimizer_Engines.worker_plan import torchrun_env
 
@@ -214,7 +214,8 @@ class Server:
             self.round_dev.append((b, squared_deviation(self.scratch[b], frame.center_model.blocks[b])))
             frame.gather_block(b, self.scratch[b])
         self.book.on_write(w)
-        frame.steps += self.k_in_flight[w] * len(self.plan.blocks_of[w])
+        blocks = len(self.plan.blocks_of[w])
+        count_step(frame, frame.train_batches.batch_size, blocks, steps=self.k_in_flight[w] * blocks)
 
     def serve(self) -> None:
         for w in range(self.book.n):
@@ -234,7 +235,7 @@ class Server:
             self.apply(w)
             if self.book.block_updates < target:
                 self.serve()
-        frame.samples += frame.H["K"] * frame.train_batches.batch_size
+        count_step(frame, 0, 0, steps=0, new_samples=frame.H["K"] * frame.train_batches.batch_size)
         frame.timers["compute"] = max(self.compute)  # the busiest worker's compute (straggler sleep included)
         frame.timers["communication"] += max(0.0, time.perf_counter() - t0 - (max(self.compute) - busiest))
         return round_deviation(self.round_dev)

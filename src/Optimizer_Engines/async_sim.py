@@ -15,7 +15,7 @@ changes the schedule when ``communication_delay`` > 0.
 Rounds: a round ends once B more block updates (B = blocks) have been applied, so ``rounds`` budgets compare with
 the synchronous engines; learning-rate and other schedules change at round boundaries, and the reads released by
 a round's last write happen after them. Updates still in flight when the run ends are dropped (counted in
-``updates_dropped``). With ``--max_staleness 0`` every update of round r reads the centre after all updates of
+``updates_in_flight`` of the last record; the report says how many). With ``--max_staleness 0`` every update of round r reads the centre after all updates of
 round r-1: the Jacobi engine, bit for bit. ``communication_delay`` is virtual here (no sleep).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import heapq
 import math
 import random
 import time
+from fractions import Fraction
 from typing import Any, Callable
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines import register_engine
 from src.Optimizer_Engines.async_book import StalenessBook, assign_blocks, check_speeds
-from src.Optimizer_Engines.loop import RoundBatches, local_steps, sync, training_loop
+from src.Optimizer_Engines.loop import RoundBatches, count_step, local_steps, sync, training_loop
 
 
 def check_async(frame: Frame) -> None:
@@ -86,6 +87,11 @@ def measure_step_time(frame: Disributed_frame, repeats: int = 3) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def _pair(value: Fraction) -> list[int]:
+    """An exact virtual time as [numerator, denominator] (checkpoints hold plain containers)."""
+    return [value.numerator, value.denominator]
+
+
 class Simulator:
     """The simulator's state; ``step`` is one round of :func:`training_loop`."""
 
@@ -95,9 +101,9 @@ class Simulator:
         self.blocks_of = assign_blocks(frame.n_blocks, H["n_workers"])
         self.speeds = check_speeds(H["worker_speeds"], len(self.blocks_of))
         self.book = StalenessBook(len(self.blocks_of), H["max_staleness"], self.blocks_of)
-        self.clock, self.step_time = 0.0, float(H["step_time"])
+        self.clock, self.step_time = Fraction(0), float(H["step_time"])
         self.cursor = [0] * len(self.blocks_of)  # next batch index of each worker
-        self.events: list[list[Any]] = []  # [time, tie-break draw, worker] of every update in flight
+        self.events: list[list[Any]] = []  # [time, tie-break draw, worker, K] of every update in flight
         self.ties = random.Random(H["seed"])
         self.round_dev: list[tuple[int, list[float]]] = []  # (block, squared-deviation terms) of the round's writes
         if frame.restored_engine is not None:
@@ -105,49 +111,60 @@ class Simulator:
 
     def state(self) -> dict[str, Any]:
         version, internal, gauss = self.ties.getstate()
-        return {"book": self.book.state_dict(), "clock": self.clock, "step_time": self.step_time,
-                "cursor": list(self.cursor), "events": [list(e) for e in self.events],
+        return {"book": self.book.state_dict(), "clock": _pair(self.clock), "step_time": self.step_time,
+                "cursor": list(self.cursor), "events": [[_pair(t), d, w, k] for t, d, w, k in self.events],
                 "ties": [version, list(internal), gauss]}
 
     def load(self, state: dict[str, Any]) -> None:
         self.book = StalenessBook.from_state(state["book"])
-        self.clock, self.step_time, self.cursor = state["clock"], state["step_time"], list(state["cursor"])
-        self.events = [list(e) for e in state["events"]]
+        self.clock, self.step_time = Fraction(*state["clock"]), state["step_time"]
+        self.cursor = list(state["cursor"])
+        self.events = [[Fraction(*t), d, w, k] for t, d, w, k in state["events"]]
         version, internal, gauss = state["ties"]
         self.ties.setstate((version, tuple(internal), gauss))
 
     def metrics(self) -> dict[str, Any]:
-        return {"virtual_time": self.clock, "step_time": self.step_time, **self.book.record()}
+        return {"virtual_time": float(self.clock), "step_time": self.step_time, **self.book.record()}
 
-    def _read(self, w: int) -> None:
-        """Worker w reads the centre now, computes its update and schedules its write."""
+    def _duration(self, w: int, K: int) -> Fraction:
+        """Virtual seconds of an update of worker w, in exact rational arithmetic: equal durations are equal and
+        ties are decided by the seeded draw only, never by the rounding of a running float sum."""
+        return K * len(self.blocks_of[w]) * Fraction(self.speeds[w]) * Fraction(self.step_time) + \
+            Fraction(self.frame.H["communication_delay"])
+
+    def _start(self, starters: list[int]) -> None:
+        """The workers ``starters`` read the centre now (all the same centre), compute their updates — block by
+        block in block order, as the Jacobi engine does — and schedule their writes."""
         frame, K = self.frame, self.frame.H["K"]
-        self.book.on_read(w)
-        blocks = self.blocks_of[w]
-        frame.scatter(to=blocks)  # each copy of w's blocks now holds the centre as read
-        batches = RoundBatches(frame.train_batches, self.cursor[w], K)
-        self.cursor[w] += K
+        work = []
+        for w in starters:
+            self.book.on_read(w)
+            frame.scatter(to=self.blocks_of[w])  # each copy of w's blocks now holds the centre as read
+            batches = RoundBatches(frame.train_batches, self.cursor[w], K)
+            self.cursor[w] += K
+            work += [(b, batches) for b in self.blocks_of[w]]
         t0 = time.perf_counter()
-        for b in blocks:
+        for b, batches in sorted(work, key=lambda item: item[0]):
             local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
         sync(frame.device)
         frame.timers["compute"] += time.perf_counter() - t0
-        duration = K * len(blocks) * self.speeds[w] * self.step_time + frame.H["communication_delay"]
-        heapq.heappush(self.events, [self.clock + duration, self.ties.random(), w])
-        frame.steps += K * len(blocks)
+        for w in starters:
+            heapq.heappush(self.events, [self.clock + self._duration(w, K), self.ties.random(), w, K])
 
-    def _write(self, w: int) -> None:
+    def _write(self, w: int, K: int) -> None:
         frame = self.frame
         for b in self.blocks_of[w]:
             self.round_dev.append((b, squared_deviation(frame.distributed_models[b].blocks[b],
                                                         frame.center_model.blocks[b])))
             frame.gather_block(b)
         self.book.on_write(w)
+        blocks = len(self.blocks_of[w])
+        count_step(frame, frame.train_batches.batch_size, blocks, steps=K * blocks)
 
     def _serve(self) -> None:
-        for w in range(self.book.n):
-            if self.book.may_start(w):
-                self._read(w)
+        starters = [w for w in range(self.book.n) if self.book.may_start(w)]
+        if starters:
+            self._start(starters)
 
     def step(self, frame: Frame, round_index: int) -> float:
         """Apply writes in virtual-time order until the round's B block updates are in; returns the deviation."""
@@ -159,12 +176,12 @@ class Simulator:
         while self.book.block_updates < target:
             if not self.events:
                 raise RuntimeError(f"no update in flight and none may start: {self.book.record()}")
-            when, _, w = heapq.heappop(self.events)
+            when, _, w, K = heapq.heappop(self.events)
             self.clock = when
-            self._write(w)
+            self._write(w, K)
             if self.book.block_updates < target:
                 self._serve()
-        frame.samples += frame.H["K"] * frame.train_batches.batch_size
+        count_step(frame, 0, 0, steps=0, new_samples=frame.H["K"] * frame.train_batches.batch_size)
         return round_deviation(self.round_dev)
 
     def finish(self) -> None:
@@ -189,7 +206,7 @@ def train_async_sequential(frame: Disributed_frame, progress: Callable[[int, int
     finally:
         frame.engine_state = None
     simulator.finish()
-    frame.log(async_summary(simulator.book, frame.n_blocks) + f"; virtual time {simulator.clock:.4g} s "
+    frame.log(async_summary(simulator.book, frame.n_blocks) + f"; virtual time {float(simulator.clock):.4g} s "
               f"(step_time {simulator.step_time:.3g} s)")
     return frame
 
