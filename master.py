@@ -234,7 +234,8 @@ def make_launcher(args: argparse.Namespace) -> Any:
 
 
 def torchrun_procs(args: argparse.Namespace) -> Any:
-    """Processes per run under torchrun: on SLURM, ``--gpus_per_run`` for a multi-process engine, else 1."""
+    """Processes per run under torchrun: on SLURM, ``--gpus_per_run`` for an engine with a torchrun worker
+    (blockwise, async, entire as data-parallel), else 1."""
     if args.launcher != "slurm" or args.cpu or args.gpus_per_run < 2:
         return lambda run: 1
     return lambda run: args.gpus_per_run if dol1.resolve_engine(run.H["training_mode"]).torchrun_worker else 1

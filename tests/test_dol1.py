@@ -45,7 +45,7 @@ def only_report(tmp_path):
 @pytest.mark.parametrize("argv, needles", [
     (["--model", "nope"], ["--model", "'nope'", "residual_cnn"]),
     (["--dataset_name", "nope"], ["--dataset_name", "digits"]),
-    (["--training_mode", "async"], ["--training_mode", "blockwise_sequential"]),
+    (["--training_mode", "asynch"], ["--training_mode", "blockwise_sequential", "Did you mean 'async'"]),
     (["--K", "0"], ["--K", "0"]),
     (["--rounds", "-1"], ["--rounds", "-1"]),
     (["--active_share", "0"], ["--active_share", "(0, 1]"]),

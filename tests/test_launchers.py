@@ -127,7 +127,9 @@ def test_a_multi_gpu_block_parallel_run_is_one_torchrun_on_slurm(tmp_path):
                                       "--nproc_per_node=4", "dol1.py", "--training_mode=blockwise"]
     args = master.build_parser().parse_args(["--launcher", "slurm", "--gpus_per_run", "4"])
     procs = master.torchrun_procs(args)
-    assert procs(run) == 4 and procs(sweep.Run("R2", {}, {}, [], {"training_mode": "entire"}, tmp_path)) == 1
+    # entire runs data-parallel under torchrun (one process per GPU); a single-process engine gets one process
+    assert procs(run) == 4 and procs(sweep.Run("R2", {}, {}, [], {"training_mode": "entire"}, tmp_path)) == 4
+    assert procs(sweep.Run("R3", {}, {}, [], {"training_mode": "blockwise_sequential"}, tmp_path)) == 1
     assert master.torchrun_procs(master.build_parser().parse_args(["--gpus_per_run", "4"]))(run) == 1  # local: spawn
 
 

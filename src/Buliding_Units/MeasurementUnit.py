@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from src.Buliding_Units import hessian
-from src.Buliding_Units.hessian_spectrum import curvature_spectrum
+from src.Buliding_Units.hessian_spectrum import check_curvature, curvature_spectrum, positive_int
 from src.Buliding_Units import hessian_figures as hfig
 from src.Buliding_Units import memory
 from src.Buliding_Units.memory import model_bytes, optimizer_state_bytes  # noqa: F401 - public here since the seed
@@ -133,7 +133,7 @@ class Working_memory_usage(MeasurementUnit):
             if key in ranks[0]:
                 record[f"{key}_MB"] = sum(r[key] for r in ranks) / MB
         if remote is not None:
-            record["per_rank"] = [_rank_record(rank, r) for rank, r in enumerate(ranks)]
+            record["per_rank"] = [memory.rank_record(rank, r) for rank, r in enumerate(ranks)]
         if self.autograd:
             record["autograd_saved_MB"] = self._activations(frame)
         return record
@@ -147,17 +147,6 @@ class Working_memory_usage(MeasurementUnit):
             torch.cuda.reset_peak_memory_stats(frame.device)
         return {"batch_size": len(targets), "full_step": saved["full_step"] / MB,
                 "block_steps": [b / MB for b in saved["block_steps"]], "block_step_max": max(saved["block_steps"]) / MB}
-
-
-def _rank_record(rank: int, figures: dict[str, Any]) -> dict[str, Any]:
-    """One rank's figures in MB."""
-    out = {"rank": rank, "n_copies": figures["n_copies"]}
-    for key, value in figures.items():
-        if isinstance(value, dict):
-            out[f"{key}_MB"] = sum(value.values()) / MB
-        elif key != "n_copies":
-            out[f"{key}_MB"] = value / MB
-    return out
 
 
 MEASUREMENT_MODES = ("eval", "train")
@@ -338,7 +327,7 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
             raise ValueError(f"need tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(f"unknown method {method!r}; valid: ['auto', 'dense', 'krylov']")
-        _check_curvature(curvature)
+        check_curvature(curvature)
         self.tol, self.max_steps, self.method, self.memory_budget_mb = float(tol), int(max_steps), method, \
             float(memory_budget_mb)
         self.curvature = curvature
@@ -366,17 +355,6 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
                 "figures": figures}
 
 
-def _check_curvature(curvature: str) -> None:
-    if curvature not in hessian.CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; valid: {sorted(hessian.CURVATURES)}")
-
-
-def _positive_int(name: str, value: Any, least: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
-
-
 class HessianSpectrumMeasurement(_HessianUnit):
     """Global curvature beside the block picture: the top-k eigenvalues and the trace of the whole Hessian, and
     each diagonal block's largest eigenvalue and trace, in one record.
@@ -394,9 +372,9 @@ class HessianSpectrumMeasurement(_HessianUnit):
         if not tol > 0 or memory_budget_mb <= 0:
             raise ValueError(f"need tol > 0 and memory_budget_mb > 0, got tol={tol}, "
                              f"memory_budget_mb={memory_budget_mb}")
-        _check_curvature(curvature)
-        self.k, self.max_steps = _positive_int("k", k), _positive_int("max_steps", max_steps)
-        self.trace_probes = _positive_int("trace_probes", trace_probes, least=2)
+        check_curvature(curvature)
+        self.k, self.max_steps = positive_int("k", k), positive_int("max_steps", max_steps)
+        self.trace_probes = positive_int("trace_probes", trace_probes, least=2)
         self.tol, self.curvature, self.memory_budget_mb = float(tol), curvature, float(memory_budget_mb)
 
     def config(self) -> dict[str, Any]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .hessian_pools import Rows, cgs2, padded, symmetric_ritz
-from .hessian_products import make_batched_hvp
+from .hessian_products import CURVATURES, make_batched_hvp
 
 _MIN_STEPS = 3  # rounds before an operator may stop on its residual test
 _BLOCK_WIDTH = 2  # block Lanczos width per diagonal block
@@ -195,3 +195,16 @@ def curvature_spectrum(model: nn.Module, criterion: nn.Module, inputs: Tensor, t
     hvp = make_batched_hvp(model, criterion, inputs, targets, memory_budget_mb, curvature)
     return spectrum_from_hvp(hvp, hvp.block_sizes, k=k, tol=tol, max_steps=max_steps, trace_probes=trace_probes,
                              seed=seed)
+
+
+def check_curvature(curvature: str) -> None:
+    """ValueError naming the valid curvatures unless ``curvature`` is one."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; valid: {sorted(CURVATURES)}")
+
+
+def positive_int(name: str, value: Any, least: int = 1) -> int:
+    """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)

@@ -121,3 +121,14 @@ def process_memory(frame: Any, scratch: nn.Module | None = None) -> dict[str, An
     if frame.device.type == "cuda":
         record.update(cuda_peaks(frame.device))
     return record
+
+
+def rank_record(rank: int, figures: dict[str, Any]) -> dict[str, Any]:
+    """One rank's figures in MB."""
+    out = {"rank": rank, "n_copies": figures["n_copies"]}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            out[f"{key}_MB"] = sum(value.values()) / 1024.0 ** 2
+        elif key != "n_copies":
+            out[f"{key}_MB"] = value / 1024.0 ** 2
+    return out

@@ -82,6 +82,12 @@ def validate(H: dict[str, Any]) -> EngineSpec:
         raise ConfigError(f"--{err}") from err
     _check(H["resume"] in RESUME_MODES or RUN_ID.fullmatch(H["resume"]) is not None,
            f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
+    _check_environment(H, spec)
+    return spec
+
+
+def _check_environment(H: dict[str, Any], spec: EngineSpec) -> None:
+    """How the process was started (srun, torchrun) fits the engine; stoppers and TensorBoard can be built."""
     check_slurm_tasks()  # srun with several tasks but no torchrun: refused with a hint
     world = (torchrun_env() or torchrun_env({"RANK": "0", "WORLD_SIZE": "1"})).world_size
     _check(world == 1 or spec.torchrun_worker is not None,
@@ -90,4 +96,3 @@ def validate(H: dict[str, Any]) -> EngineSpec:
            f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
     stoppers_from_settings(H)
     check_tensorboard(H)
-    return spec
