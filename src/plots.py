@@ -22,10 +22,12 @@ def pyplot():
 SCHEDULED = ("lr", "K", "active_share", "gamma", "pool_size")  # values a schedule can change during a run
 
 X_AXES = {"samples": "training samples", "round": "round", "steps": "optimiser steps",
-          "forward_sample_passes": "forward sample-passes", "wall_time": "wall time (s)"}
+          "forward_sample_passes": "forward sample-passes", "wall_time": "wall time (s)",
+          "virtual_time": "virtual time (s, async_sequential)"}
 """The x-axes a training curve or a sweep figure can take (a metrics-record key -> axis label); the first is the
 default. Rounds are fair only between runs of one mode and one K: a block-wise round with K = 5 draws 5 times the
-samples of one with K = 1 (README: compute counters)."""
+samples of one with K = 1 (README: compute counters). ``virtual_time`` exists only in the simulator's records
+(``async_sequential``); runs without it are left out of such a figure."""
 
 
 def check_x_axis(x: str) -> str:
