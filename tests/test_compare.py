@@ -14,6 +14,7 @@ from src.plots import X_AXES, curve_panels, scheduled_series, training_curve
 from src.Sweeps import compare
 
 HISTORY = [{"round": r, "steps": 3 * r, "samples": 32 * r, "forward_sample_passes": 96 * r, "wall_time": 0.5 * r,
+            "virtual_time": 0.25 * r,  # only the simulator's records have it
             "loss": 2.0 / (r + 1), "test_loss": 2.1 / (r + 1), "accuracy": r / 10, "test_accuracy": r / 11,
             "lr": 0.01 if r < 2 else 0.001} for r in range(4)]
 
