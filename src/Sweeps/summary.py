@@ -16,7 +16,7 @@ from typing import Any
 
 from src.plots import X_AXES, check_x_axis, pyplot
 from src.reporting import read_metrics
-from src.Sweeps import compare as cmp
+import src.Sweeps.compare as cmp
 from src.Sweeps.grid import Run
 
 TABLE_METRICS = ("samples", "loss", "test_loss", "test_accuracy")
