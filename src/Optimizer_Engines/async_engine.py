@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,7 +51,7 @@ from src.Optimizer_Engines.async_transport import (AsyncPlan, header as _header,
                                                    send_tensors)
 from src.Optimizer_Engines.distributed_state import gather_states, to_cpu
 from src.Optimizer_Engines.loop import RoundBatches, count_step, sync, training_loop
-from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerPool, loopback_only
+from src.Optimizer_Engines.worker_pool import WorkerPool, engine_processes, loopback_only
 from src.Optimizer_Engines.worker_plan import torchrun_env
 
 GO, STOP, CHECKPOINT = 1, -1, -2
@@ -301,13 +300,9 @@ def train_async(frame: Disributed_frame, progress: Callable[[int, int], None] | 
     check_async(frame)
     env = torchrun_env()
     plan = make_plan(frame, env.world_size if env is not None else None)
-    threads_before, t0 = torch.get_num_threads(), time.perf_counter()
-    torch.set_num_threads(plan.threads)
-    error_dir = tempfile.TemporaryDirectory(prefix="async_")
-    pool = None if env is not None else WorkerPool(error_dir.name, on_failure=frame.reporter.fail
-                                                   if frame.reporter else None)
-    own_group = not dist.is_initialized()
-    try:
+    t0 = time.perf_counter()
+    with engine_processes(plan.threads, env is None, "async_", own_group=not dist.is_initialized(),
+                          on_failure=frame.reporter.fail if frame.reporter else None) as pool:
         _start(frame, plan, pool)
         frame.log(f"Asynchronous: server rank 0 and {plan.world - 1} workers ({'torchrun' if env else 'spawned'}, "
                   f"gloo), blocks by worker {[list(b) for b in plan.blocks_of]}, speeds {list(plan.speeds)}, "
@@ -320,17 +315,4 @@ def train_async(frame: Disributed_frame, progress: Callable[[int, int], None] | 
             pool.join()
         frame.log(async_summary(server.book, frame.n_blocks) + f"; compute s per worker "
                   f"{[round(c, 2) for c in server.compute]}, waiting s {[round(w, 2) for w in server.wait]}")
-        return frame
-    except BaseException as err:
-        failure = pool.claim_failure(wait_s=0.0 if isinstance(err, KeyboardInterrupt) else FAILURE_WAIT_S) \
-            if pool is not None else None
-        if failure is not None:
-            raise failure from err
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-        error_dir.cleanup()
-        torch.set_num_threads(threads_before)
+    return frame

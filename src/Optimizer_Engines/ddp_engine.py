@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame, select_device
 from src.Buliding_Units.schedules import apply_changes
 from src.cli import ConfigError
-from src.Optimizer_Engines.distributed_state import to_cpu
+from src.Optimizer_Engines.distributed_state import broadcast_command, to_cpu
 from src.Optimizer_Engines.loop import sync, training_loop
 from src.Optimizer_Engines.worker_plan import TorchrunEnv, WorkerPlan, gpu_count, torchrun_env, torchrun_plan
 
@@ -115,17 +115,6 @@ def data_parallel_step(frame: Frame, group: _Group, index: int) -> float:
     return 0.0
 
 
-def _command(group: _Group, value: int = 0, changes: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """Rank 0 sends ``value`` (a batch index or STOP) and the round's schedule changes; every rank returns both."""
-    t = torch.tensor([value, 1 if changes else 0], dtype=torch.int64, device=group.comm_device)
-    dist.broadcast(t, src=0)
-    if not t[1].item():
-        return int(t[0].item()), {}
-    box = [to_cpu(changes or {})]
-    dist.broadcast_object_list(box, src=0)
-    return int(t[0].item()), box[0]
-
-
 def _join(frame: Frame, env: TorchrunEnv) -> _Group:
     """Join the group from torchrun's environment, wrap the model (DDP broadcasts rank 0's parameters and
     buffers) and hand a resumed rank 0's optimiser state, learning rates and curriculum pool to every rank."""
@@ -177,17 +166,17 @@ def train_data_parallel(frame: Frame, progress: Callable[[int, int], None] | Non
               f"batch {frame.train_batches.batch_size} split by rank; start-up {time.perf_counter() - t0:.1f} s")
 
     def step(frame: Frame, round_index: int) -> float:
-        _command(group, round_index, frame.round_changes)
+        broadcast_command(group.comm_device, round_index, frame.round_changes)
         return data_parallel_step(frame, group, round_index)
 
     try:
         training_loop(frame, step, progress)
-        _command(group, STOP)
+        broadcast_command(group.comm_device, STOP)
         spread = parameter_spread(frame, group)
         frame.log(f"Parameters across ranks at the end: max difference {spread:.3g}"
                   f"{' (identical)' if spread == 0 else ''}")
     except KeyboardInterrupt:  # at a round boundary (the loop checkpointed): the other ranks wait for a command
-        _command(group, STOP)
+        broadcast_command(group.comm_device, STOP)
         raise
     finally:
         dist.destroy_process_group()
@@ -219,7 +208,7 @@ def ddp_worker(H: dict[str, Any], prepare: Callable[[Frame], Any] | None = None)
     group = _join(frame, env)
     try:
         while True:
-            command, changes = _command(group)
+            command, changes = broadcast_command(group.comm_device)
             if command == STOP:
                 break
             apply_changes(frame, changes)  # the same schedule changes as rank 0, before the step

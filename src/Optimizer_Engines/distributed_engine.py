@@ -38,7 +38,6 @@ import copy
 import math
 import os
 import signal
-import tempfile
 import time
 import traceback
 import warnings
@@ -54,12 +53,12 @@ from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
 from src.Optimizer_Engines import register_engine
 from src.Buliding_Units.schedules import apply_changes
-from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, gather_memory, gather_states,
-                                                    handoff, to_cpu)
+from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, broadcast_command,
+                                                    gather_memory, gather_states, handoff)
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
-from src.Optimizer_Engines.worker_pool import (FAILURE_WAIT_S, WorkerFailed, WorkerPool, loopback_only,
+from src.Optimizer_Engines.worker_pool import (WorkerFailed, WorkerPool, engine_processes, loopback_only,
                                                thread_budget)
 
 STOP = -1  # the round command that ends the workers' loop
@@ -106,18 +105,6 @@ def _broadcast_tensors(state: _Rank, tensors: list[torch.Tensor], src: int) -> i
                     offset += t.numel()
             sent += flat.numel() * flat.element_size()
     return sent
-
-
-def _command(state: _Rank, value: int = 0, changes: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """Rank 0 sends ``value`` (a round index, STOP or CHECKPOINT) and the round's schedule changes, if any (a second
-    broadcast, only then); every rank returns both."""
-    t = torch.tensor([value, 1 if changes else 0], dtype=torch.int64, device=state.comm_device)
-    dist.broadcast(t, src=0)
-    if not t[1].item():
-        return int(t[0].item()), {}
-    box = [to_cpu(changes or {})]
-    dist.broadcast_object_list(box, src=0)
-    return int(t[0].item()), box[0]
 
 
 def _maybe_fail_for_test(rank: int, round_index: int) -> None:
@@ -204,7 +191,7 @@ def worker_loop(frame: Disributed_frame, plan: WorkerPlan, rank: int) -> None:
     """A rank > 0: prepare, run the rounds rank 0 commands until STOP, then the final centre check."""
     state = _prepare(frame, plan, rank)
     while True:
-        command, changes = _command(state)
+        command, changes = broadcast_command(state.comm_device)
         if command == STOP:
             break
         apply_changes(frame, changes)  # the same schedule changes as rank 0, before the round
@@ -306,7 +293,7 @@ def _stop_workers(frame: Disributed_frame, state: _Rank, pool: WorkerPool | None
     """Send STOP, compare the centre across ranks, and log it."""
     if pool is not None:
         pool.expect_exit()
-    _command(state, STOP)
+    broadcast_command(state.comm_device, STOP)
     spread = centre_spread(frame, state)
     if pool is not None:
         pool.join()
@@ -321,15 +308,15 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
 
     def step(frame: Disributed_frame, round_index: int) -> float:
         started = time.perf_counter()
-        _command(state, round_index, frame.round_changes)
+        broadcast_command(state.comm_device, round_index, frame.round_changes)
         return distributed_round(frame, state, round_index, started)
 
     def remote_state() -> dict[str, Any]:
-        _command(state, CHECKPOINT)
+        broadcast_command(state.comm_device, CHECKPOINT)
         return gather_states(frame, 0, state.plan.n)
 
     def remote_memory() -> list[dict[str, Any]]:
-        _command(state, MEMORY)
+        broadcast_command(state.comm_device, MEMORY)
         return gather_memory(frame, 0, state.plan.n, state.scratch)
 
     frame.remote_state, frame.remote_memory = remote_state, remote_memory
@@ -359,14 +346,11 @@ def train_blockwise_distributed(frame: Disributed_frame,
     env = torchrun_env()
     plan = _plan(frame, env)
     assert torch.device(plan.devices[0]) == frame.device, (plan, frame.device)  # rank 0 trains where it was built
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(plan.threads)
     t0 = time.perf_counter()
-    error_dir = tempfile.TemporaryDirectory(prefix="blockwise_")
-    pool = None if env is not None else WorkerPool(error_dir.name, on_failure=frame.reporter.fail
-                                                   if frame.reporter else None)
     own_group = not (env is not None and dist.is_initialized())  # under torchrun, a caller may have joined already
-    try:
+    with engine_processes(plan.threads, env is None, "blockwise_", own_group,
+                          on_failure=frame.reporter.fail if frame.reporter else None,
+                          torchrun_failure=lambda: _torchrun_failure(plan.n)) as pool:
         _start_group(frame, plan, own_group, pool)
         state = _prepare(frame, plan, 0)
         frame.log(f"Distributed: {plan.n} ranks ({'torchrun' if env else 'spawned'}), backend {plan.backend}, "
@@ -374,20 +358,4 @@ def train_blockwise_distributed(frame: Disributed_frame,
                   f"{[list(a) for a in plan.assignment]}; start-up {time.perf_counter() - t0:.1f} s")
         _train_rank0(frame, state, progress)
         _stop_workers(frame, state, pool)
-        return frame
-    except BaseException as err:
-        failure = None
-        if pool is not None:
-            failure = pool.claim_failure(wait_s=0.0 if isinstance(err, KeyboardInterrupt) else FAILURE_WAIT_S)
-        elif env is not None and dist.is_initialized():
-            failure = _torchrun_failure(plan.n)
-        if failure is not None:
-            raise failure from err
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-        error_dir.cleanup()
-        torch.set_num_threads(threads_before)
+    return frame

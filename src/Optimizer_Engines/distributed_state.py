@@ -34,6 +34,20 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def broadcast_command(device: torch.device | str, value: int = 0,
+                      changes: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """Rank 0 sends ``value`` (a round or batch index, or a negative command such as STOP or CHECKPOINT) and the
+    round's schedule changes, if any (a second broadcast, only then); every rank returns both. ``device``: where
+    the process group's backend communicates (cuda for nccl)."""
+    t = torch.tensor([value, 1 if changes else 0], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    if not t[1].item():
+        return int(t[0].item()), {}
+    box = [to_cpu(changes or {})]
+    dist.broadcast_object_list(box, src=0)
+    return int(t[0].item()), box[0]
+
+
 def local_state(frame: Disributed_frame, rank: int) -> dict[str, Any]:
     """This rank's block copies (as differences from the centre), block optimisers and RNG state."""
     return to_cpu({"copies": {b: copy_differences(m, frame.center_model) for b, m in frame.distributed_models.items()},
