@@ -32,22 +32,10 @@ from torch import nn
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.Architectures.feedforward_nn import BlockSequential  # noqa: E402
 from src.Buliding_Units.hessian import (block_interaction_norms, block_sizes, block_spectral_norms,  # noqa: E402
                                         exact_hessian, make_batched_hvp)
 from src.Buliding_Units.hessian_spectrum import curvature_spectrum  # noqa: E402
-
-
-class Blocks(nn.Module):
-    """Runs ``blocks`` in order."""
-
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def digits_mlp(device: torch.device, width: int, depth: int, batch: int, train_steps: int, seed: int):
@@ -61,7 +49,7 @@ def digits_mlp(device: torch.device, width: int, depth: int, batch: int, train_s
     y = torch.tensor(data.target[:batch], device=device)
     dims = [64] + [width] * depth
     blocks = [nn.Sequential(nn.Linear(a, b), nn.Tanh()) for a, b in zip(dims[:-1], dims[1:])]
-    model = Blocks(blocks + [nn.Linear(width, 10)]).to(device=device, dtype=torch.float64)
+    model = BlockSequential(blocks + [nn.Linear(width, 10)]).to(device=device, dtype=torch.float64)
     criterion = nn.CrossEntropyLoss()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(train_steps):  # a Hessian from part-way through training, not from the initialisation
@@ -81,7 +69,7 @@ def resnet18_blocks(device: torch.device, batch: int, seed: int):
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     residual = [block for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer]
     head = nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
-    model = Blocks([stem, *residual, head]).to(device).eval()
+    model = BlockSequential([stem, *residual, head]).to(device).eval()
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return model, nn.CrossEntropyLoss(), x, y

@@ -2,10 +2,8 @@
 lost update, real stragglers, worker failure and Ctrl-C. Every run spawns a server and its workers (seconds each)."""
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,12 @@ from src.Optimizer_Engines.async_book import staleness_limit
 from src.Optimizer_Engines.async_transport import make_plan
 from src.reporting import read_report
 from test_async import BN_CNN, TINY, assert_bit_identical, frame_for, train
-from test_distributed import alive, only_report, wait_for, worker_pids
+from test_distributed import alive, ctrl_c, kill_worker, only_report, reaped, wait_for, worker_pids
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(dol1.__file__).resolve().parent
 TESTS = Path(__file__).resolve().parent
-END_WITHIN_S = 30
 
 
 @pytest.mark.parametrize("argv", [TINY, BN_CNN], ids=["mlp", "batchnorm_cnn"])
@@ -82,16 +79,9 @@ def test_worker_that_raises_fails_the_run_with_its_traceback(tmp_path):
 
 def test_killed_worker_ends_the_run(tmp_path):
     proc = start_dol1(tmp_path, ["--rounds", "100000", "--communication_delay", "0.01"])
-    try:
+    with reaped(proc):
         wait_for(lambda: any("Round 3:" in p.read_text() for p in tmp_path.glob("reports/R*.txt")), 120, proc)
-        pid = worker_pids(only_report(tmp_path).read_text())[0]
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        out, _ = proc.communicate(timeout=END_WITHIN_S)
-        assert time.monotonic() - killed_at < END_WITHIN_S
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        out = kill_worker(proc, worker_pids(only_report(tmp_path).read_text())[0])
     assert proc.returncode != 0, out
     head = read_report(only_report(tmp_path))
     assert head["status"] == "failed" and "SIGKILL" in head["status_detail"], head
@@ -99,14 +89,10 @@ def test_killed_worker_ends_the_run(tmp_path):
 
 def test_ctrl_c_interrupts_every_process(tmp_path):
     proc = start_dol1(tmp_path, ["--rounds", "100000", "--worker_speeds", "[1, 3]", "--checkpoint_every", "50"])
-    try:
+    with reaped(proc):
         wait_for(lambda: any("Round 3:" in p.read_text() for p in tmp_path.glob("reports/R*.txt")), 120, proc)
         pids = worker_pids(only_report(tmp_path).read_text())
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
-        out, _ = proc.communicate(timeout=END_WITHIN_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        out = ctrl_c(proc)
     assert proc.returncode == 130, out
     head = read_report(only_report(tmp_path))
     assert head["status"] == "interrupted" and "resumable" in head["status_detail"], head

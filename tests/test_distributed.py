@@ -5,6 +5,7 @@ Every spawned run costs several seconds on a small machine (interpreter + torch 
 module runs six of them: two equivalence runs in-process, one under torchrun, three failure/interrupt runs as
 subprocesses (a failing run may end its process with os._exit, which must not be pytest's).
 """
+import contextlib
 import json
 import math
 import os
@@ -92,6 +93,32 @@ def wait_for(predicate, timeout_s, proc):
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def reaped(proc):
+    """Whatever the test body does, dol1's whole process group is gone afterwards."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_worker(proc, pid):
+    """SIGKILL one worker; dol1 must end within END_WITHIN_S. Returns its output."""
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    out, _ = proc.communicate(timeout=END_WITHIN_S)
+    assert time.monotonic() - killed_at < END_WITHIN_S
+    return out
+
+
+def ctrl_c(proc):
+    """What Ctrl-C does: SIGINT to the whole foreground process group. Returns dol1's output."""
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=END_WITHIN_S)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """The spawned ranks run one thread each; the sequential reference must too, or Adam turns last-bit differences
@@ -173,16 +200,10 @@ def test_killed_worker_ends_the_run_while_rank0_is_busy(tmp_path):
     units = tmp_path / "Units.txt"
     units.write_text(f"- test_distributed.SlowUnit marker='{marker}'\n")
     proc = start_dol1(tmp_path, ["--units_file", str(units), "--measurement_sampling_rate", "2", "--rounds", "50"])
-    try:
+    with reaped(proc):
         wait_for(marker.exists, 120, proc)  # rank 0 sleeps in a plugin: its main thread cannot notice anything
         (pid,) = worker_pids(only_report(tmp_path).read_text())
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        out, _ = proc.communicate(timeout=END_WITHIN_S)
-        assert time.monotonic() - killed_at < END_WITHIN_S
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        out = kill_worker(proc, pid)
     assert proc.returncode != 0, out
     head = read_report(only_report(tmp_path))
     assert head["status"] == "failed" and "SIGKILL" in head["status_detail"], head
@@ -191,14 +212,10 @@ def test_killed_worker_ends_the_run_while_rank0_is_busy(tmp_path):
 
 def test_ctrl_c_interrupts_every_process(tmp_path):
     proc = start_dol1(tmp_path, ["--rounds", "100000", "--communication_delay", "0.01"])
-    try:
+    with reaped(proc):
         wait_for(lambda: any("Round 3:" in p.read_text() for p in tmp_path.glob("reports/R*.txt")), 120, proc)
         pids = worker_pids(only_report(tmp_path).read_text())
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
-        out, _ = proc.communicate(timeout=END_WITHIN_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        out = ctrl_c(proc)
     assert proc.returncode == 130, out
     assert read_report(only_report(tmp_path))["status"] == "interrupted"
     assert not any(alive(p) for p in pids)

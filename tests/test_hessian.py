@@ -8,21 +8,7 @@ from src.Buliding_Units.hessian_krylov import krylov_block_norms
 from src.Buliding_Units.hessian import (InteractionInfo, block_interaction_norms, block_sizes, block_spectral_norms,
                                         exact_hessian, finite_difference_hessian, make_batched_hvp,
                                         normalised_coupling, plan_method)
-
-F64 = torch.float64
-
-
-class Sequential(nn.Module):
-    """A model whose forward runs its blocks in order."""
-
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
+from hessian_helpers import F64, Sequential, one_thread  # noqa: F401 - one_thread: autouse fixture
 
 
 class Heads(nn.Module):
@@ -72,15 +58,6 @@ def flat_loss(model, criterion, inputs, targets):
         return criterion(functional_call(model, params, (inputs,)), targets)
 
     return loss, p0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine torch's intra-op threads made the suite 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,9 @@ from src.Buliding_Units.hessian import (block_interaction_norms, block_sizes, bl
                                         plan_method)
 from src.Buliding_Units.hessian_krylov import krylov_block_norms
 from src.Data import load_data
+from hessian_helpers import F64, one_thread  # noqa: F401 - one_thread: autouse fixture
 
-F64 = torch.float64
 TOLS = [1e-2, 1e-3, 1e-4]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

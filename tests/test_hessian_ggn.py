@@ -6,19 +6,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from src.Buliding_Units.hessian import (block_interaction_norms, block_sizes, block_spectral_norms, exact_hessian,
                                         make_batched_hvp, normalised_coupling)
-
-F64 = torch.float64
-
-
-class Sequential(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
+from hessian_helpers import F64, Sequential, one_thread  # noqa: F401 - one_thread: autouse fixture
 
 
 def tanh_mlp(dim=6, widths=(7, 5), out=3, seed=0):
@@ -43,14 +31,6 @@ def reference_ggn(model, criterion, inputs, targets):
     jacobian = jacrev(outputs)(p0).reshape(out.numel(), -1)  # (n·C, N)
     loss_hessian = hessian(lambda o: criterion(o.reshape(out.shape), targets))(out.reshape(-1))  # (n·C, n·C)
     return jacobian.mT @ loss_hessian @ jacobian
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cross_entropy_case():

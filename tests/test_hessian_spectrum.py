@@ -6,27 +6,7 @@ from torch.func import functional_call
 
 from src.Buliding_Units.hessian import block_sizes, exact_hessian
 from src.Buliding_Units.hessian_spectrum import curvature_spectrum, spectrum_from_hvp
-
-F64 = torch.float64
-
-
-class Sequential(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from hessian_helpers import F64, Sequential, one_thread  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import master
 from src import Sweeps as sweep
 from src.Sweeps import launchers
 from src.reporting import read_report
+from sweep_helpers import master_args, start_master, tiny, tracker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,31 +26,7 @@ PROJECT = Path(master.__file__).resolve().parent
 GRID = {"step_size": [1e-3, 1e-2], "K": [1, 2]}
 
 
-def tiny(out: Path, **extra) -> dict:
-    """Fixed settings of a run that trains for a fraction of a second (start-up dominates)."""
-    return {"model": "mlp", "config": [16], "dataset_name": "digits_flat", "rounds": 20, "report_sampling_rate": 5,
-            "measurement_sampling_rate": 0, "batch_size": 64, "eval_samples": 256, "output_root": str(out), **extra}
-
-
-def args(tmp_path: Path, grid: dict, fixed: dict, *more: str) -> list[str]:
-    return ["--grid", json.dumps(grid), "--fixed", json.dumps(fixed), "--tracker", str(tmp_path / "tracker.json"),
-            "--cpu", "--cpu_slots", "2", "--poll_interval", "0.1", *more]
-
-
-def tracker(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "tracker.json").read_text())
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+args = master_args
 
 
 def live_runs(tmp_path: Path) -> list[int]:
@@ -138,9 +115,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tmp_path, capsys):
     out = tmp_path / "out"
     # a short and a long run start together, a third waits; the kill comes when the short one is done
     argv = args(tmp_path, {"communication_delay": [0.0, 0.25, 0.01]}, tiny(out))
-    with open(tmp_path / "master.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(PROJECT / "master.py"), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT)
+    first = start_master(tmp_path, argv)
     try:
         def some_done_some_not():
             statuses = [e["status"] for e in tracker(tmp_path)["runs"].values()]
@@ -161,9 +136,7 @@ def test_resume_after_kill_9_runs_everything_exactly_once(tmp_path, capsys):
 def test_sigterm_stops_every_run_and_resume_reruns_them(tmp_path):
     out = tmp_path / "out"
     argv = args(tmp_path, {"seed": [0, 1]}, tiny(out, communication_delay=0.15), "--grace", "20")
-    with open(tmp_path / "master.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(PROJECT / "master.py"), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT)
+    first = start_master(tmp_path, argv)
 
     def both_training():  # each run has written its report: dol1.py now turns SIGTERM into an orderly stop
         entries = tracker(tmp_path)["runs"].values()

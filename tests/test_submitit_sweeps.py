@@ -5,12 +5,9 @@ Completion, kill -9 of the master and resume (each run once), a master killed be
 a failing job retried, cancellation, and a preempted job requeued by submitit that resumes from its checkpoint.
 """
 import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,36 +16,15 @@ import master
 from src import Sweeps as sweep
 from src.reporting import ATTEMPT_ENV, read_report
 from src.Sweeps import launchers
+from sweep_helpers import master_args, start_master, tiny, tracker, wait_for
 
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(master.__file__).resolve().parent
 
 
-def tiny(out: Path, **extra) -> dict:
-    return {"model": "mlp", "config": [16], "dataset_name": "digits_flat", "rounds": 20, "report_sampling_rate": 5,
-            "measurement_sampling_rate": 0, "batch_size": 64, "eval_samples": 256, "output_root": str(out), **extra}
-
-
 def args(tmp_path: Path, grid: dict, fixed: dict, *more: str) -> list[str]:
-    return ["--grid", json.dumps(grid), "--fixed", json.dumps(fixed), "--tracker", str(tmp_path / "tracker.json"),
-            "--cpu", "--cpu_slots", "2", "--poll_interval", "0.1", "--launcher", "submitit_local", *more]
-
-
-def tracker(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "tracker.json").read_text())
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, json.JSONDecodeError, KeyError, IndexError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return master_args(tmp_path, grid, fixed, "--launcher", "submitit_local", *more)
 
 
 def ours(tmp_path: Path) -> list[int]:
@@ -96,9 +72,7 @@ def test_a_sweep_of_submitit_jobs_completes(tmp_path, capsys):
 
 def test_kill_9_of_the_master_then_resume_runs_each_job_once(tmp_path, capsys):
     argv = args(tmp_path, {"communication_delay": [0.0, 0.25, 0.01]}, tiny(tmp_path / "out"))
-    with open(tmp_path / "master.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(PROJECT / "master.py"), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT)
+    first = start_master(tmp_path, argv)
     try:
         def some_done_some_not():
             statuses = [e["status"] for e in tracker(tmp_path)["runs"].values()]
@@ -146,9 +120,7 @@ def test_a_failing_job_is_retried_and_resumes(tmp_path):
 
 def test_cancelling_the_sweep_interrupts_every_job_and_resume_reruns_them(tmp_path):
     argv = args(tmp_path, {"seed": [0, 1]}, tiny(tmp_path / "out", communication_delay=0.15), "--grace", "30")
-    with open(tmp_path / "master.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(PROJECT / "master.py"), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT)
+    first = start_master(tmp_path, argv)
 
     def both_training():  # each run has written its report with its token: dol1.py turns SIGTERM into a stop
         entries = tracker(tmp_path)["runs"].values()
@@ -172,9 +144,7 @@ def test_a_preempted_job_is_requeued_by_submitit_and_resumes_from_its_checkpoint
     job process: the run checkpoints, submitit requeues the job, the same attempt resumes and finishes."""
     argv = args(tmp_path, {"step_size": [0.01]}, tiny(tmp_path / "out", rounds=200, communication_delay=0.05,
                                                        checkpoint_every=5))
-    with open(tmp_path / "master.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(PROJECT / "master.py"), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT)
+    first = start_master(tmp_path, argv)
     try:
         def checkpointed():
             entry = next(iter(tracker(tmp_path)["runs"].values()))

@@ -54,6 +54,18 @@ class _Blockwise(nn.Module):
         return x
 
 
+class BlockSequential(_Blockwise):
+    """Any list of modules as a block model: ``blocks[0]`` … ``blocks[-1]`` applied in order.
+
+    For tiny models in tests, notebooks and benchmarks, e.g. ``BlockSequential([nn.Linear(4, 5), nn.Tanh(),
+    nn.Linear(5, 3)])``; every engine and measurement unit takes it like the built-in models.
+    """
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+
 # ---------------------------------------------------------------- MLP blocks
 
 
