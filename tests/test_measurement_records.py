@@ -48,3 +48,14 @@ def test_norm_heatmap_title_names_the_measured_matrix(tmp_path, curvature, says,
         assert "H_{ij}" not in text or curvature == "hessian", text
     for call in norms:
         assert says in call["title"], call["title"]
+
+
+def test_samples_means_training_samples_in_every_hessian_units_log(tmp_path):
+    frame = _run(tmp_path, "- HessianSpectrumMeasurement batch_size=16 k=1 trace_probes=4",
+                 "- HessianBlockInteractionMeasurement batch_size=16")
+    progress = {r["round"]: r["samples"] for r in frame.history if "round" in r}
+    for name in ("HessianSpectrumMeasurement", "HessianBlockInteractionMeasurement"):
+        records = _log(tmp_path, name, frame)
+        assert [r["round"] for r in records] == [0, 1, 2]
+        assert [r["samples"] for r in records] == [progress[r] for r in (0, 1, 2)] == [0, 32, 64], name
+    assert all(r["batch_samples"] == 16 for r in _log(tmp_path, "HessianSpectrumMeasurement", frame))

@@ -386,7 +386,7 @@ class HessianSpectrumMeasurement(_HessianUnit):
         result = curvature_spectrum(model, frame.criterion, inputs, targets, k=self.k, tol=self.tol,
                                     max_steps=self.max_steps, trace_probes=self.trace_probes, seed=self.seed,
                                     memory_budget_mb=self.memory_budget_mb, curvature=self.curvature)
-        record = {"curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "samples": len(inputs),
+        record = {"curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "batch_samples": len(inputs),
                   "tol": self.tol, "block_sizes": hessian.block_sizes(model), **dataclasses.asdict(result)}
         record["batched_calls"] = record.pop("calls")
         return {**record, "wall_time": time.perf_counter() - start}
