@@ -59,3 +59,17 @@ def test_samples_means_training_samples_in_every_hessian_units_log(tmp_path):
         assert [r["round"] for r in records] == [0, 1, 2]
         assert [r["samples"] for r in records] == [progress[r] for r in (0, 1, 2)] == [0, 32, 64], name
     assert all(r["batch_samples"] == 16 for r in _log(tmp_path, "HessianSpectrumMeasurement", frame))
+
+
+def test_two_units_of_one_class_are_refused_before_anything_runs(tmp_path, capsys):
+    """Their logs (``<Class>_<run id>.jsonl``) and figures would be one file: the second archived the first's round-0
+    record and then both appended to one log, Hessian and Gauss-Newton records interleaved in one coupling figure."""
+    units = tmp_path / "Units.txt"
+    units.write_text("- HessianBlockInteractionMeasurement\n- Working_memory_usage\n"
+                     "- HessianBlockInteractionMeasurement curvature=ggn\n")
+    with pytest.raises(SystemExit) as info:
+        dol1.main(TINY + ["--units_file", str(units), "--output_root", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Units.txt:3" in err and "HessianBlockInteractionMeasurement" in err and "line 1" in err, err
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "measurements").exists()
