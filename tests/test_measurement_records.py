@@ -73,3 +73,10 @@ def test_two_units_of_one_class_are_refused_before_anything_runs(tmp_path, capsy
     err = capsys.readouterr().err
     assert "Units.txt:3" in err and "HessianBlockInteractionMeasurement" in err and "line 1" in err, err
     assert not (tmp_path / "reports").exists() and not (tmp_path / "measurements").exists()
+
+
+@pytest.mark.parametrize("unit", ["HessianBlockInteractionMeasurement", "HessianSpectrumMeasurement"])
+def test_an_infinite_tol_is_refused(unit):
+    """tol=1e999 (inf) passed 'tol > 0' and flagged every entry converged whatever its error."""
+    with pytest.raises(ValueError, match="tol"):
+        getattr(units_module, unit)(tol=float("inf"))

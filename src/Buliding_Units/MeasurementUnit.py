@@ -322,8 +322,8 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
                  batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0,
                  curvature: str = "hessian") -> None:
         super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
-        if tol <= 0 or int(max_steps) != max_steps or max_steps < 1:
-            raise ValueError(f"need tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
+        if not 0 < tol < float("inf") or int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"need a finite tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(f"unknown method {method!r}; valid: ['auto', 'dense', 'krylov']")
         check_curvature(curvature)
@@ -368,8 +368,8 @@ class HessianSpectrumMeasurement(_HessianUnit):
                  curvature: str = "hessian", memory_budget_mb: float = 256, batch_size: int = 256,
                  mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
-        if not tol > 0 or memory_budget_mb <= 0:
-            raise ValueError(f"need tol > 0 and memory_budget_mb > 0, got tol={tol}, "
+        if not 0 < tol < float("inf") or memory_budget_mb <= 0:
+            raise ValueError(f"need a finite tol > 0 and memory_budget_mb > 0, got tol={tol}, "
                              f"memory_budget_mb={memory_budget_mb}")
         check_curvature(curvature)
         self.k, self.max_steps = positive_int("k", k), positive_int("max_steps", max_steps)
