@@ -40,7 +40,7 @@ def test_spectrum_unit_end_to_end_matches_exact(tmp_path):
     H = hessian.exact_hessian(model, frame.criterion, x, y)
     exact = torch.linalg.eigvalsh(H).flip(0)[:2]
     torch.testing.assert_close(torch.tensor(last["eigenvalues"], dtype=torch.float64), exact, rtol=1e-6, atol=0)
-    assert last["converged"] and last["curvature"] == "hessian" and last["samples"] == 64
+    assert last["converged"] and last["curvature"] == "hessian" and last["batch_samples"] == 64
     assert abs(last["trace"] - H.trace().item()) <= 3 * last["trace_se"]
     assert len(last["block_lambda_max"]) == len(last["block_trace"]) == 3 and last["hvps"] > last["probes"]
     edges = [0, *torch.tensor(last["block_sizes"]).cumsum(0).tolist()]

@@ -1,5 +1,6 @@
 """Measurement schedules: log-spaced and listed rounds next to measurement_sampling_rate, bad values refused before
 any work, and the same rounds after a resume."""
+import ast
 import json
 
 import pytest
@@ -84,3 +85,12 @@ def test_a_resumed_run_measures_the_same_rounds(tmp_path):
     resumed = dol1.main(run_counter(tmp_path, *flags, root="cut") + ["--resume"])
     assert resumed.run_id == whole.run_id
     assert logged_rounds(tmp_path / "cut", resumed) == logged_rounds(tmp_path / "whole", whole) == [0, 1, 3, 10, 12]
+
+
+@pytest.mark.parametrize("total", [1, 3, 7, 500])
+def test_the_example_in_the_error_message_is_itself_valid(total):
+    """The message offered 'such as [0, 10, 20]' for a 3-round run, where 10 and 20 are out of range."""
+    with pytest.raises(ValueError) as info:
+        parse_measurement_rounds("garbage", total)
+    example = ast.literal_eval(str(info.value).rsplit("such as ", 1)[1])
+    assert parse_measurement_rounds(example, total) == example and len(example) >= 2

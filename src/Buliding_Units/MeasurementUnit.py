@@ -161,9 +161,7 @@ class _HessianUnit(MeasurementUnit):
     disables dropout; ``"train"`` measures the batch-statistics Hessian (dropout is refused by the numerics).
     """
 
-    norm_titles = {  # norm heat-map stem -> (title, colour-bar label)
-        "fd_block_norms_heatmap": ("finite-difference $\\|H_{ij}\\|_2$", "spectral norm"),
-        "block_offdiag_eig_heatmap": ("Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm")}
+    norm_titles = hfig.NORM_TITLES  # the norm heat-maps' stems; titles by hfig.norm_title (curvature-aware)
 
     def __init__(self, batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
         super().__init__()
@@ -261,7 +259,8 @@ class _HessianUnit(MeasurementUnit):
             try:
                 for stem, index in drawn:
                     self._figures(frame, {stem: (torch.tensor(record["norms"], dtype=torch.float64),
-                                                 *self.norm_titles[stem])}, record, index)
+                                                 *hfig.norm_title(stem, getattr(self, "curvature", "hessian")))},
+                                   record, index)
             finally:
                 frame.round = round_now
 
@@ -297,7 +296,7 @@ class Hessian_measurement(_HessianUnit):
                                               max_params=self.max_params)
         sizes = hessian.block_sizes(model)
         norms = hessian.block_spectral_norms(H, sizes)
-        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, *self.norm_titles["fd_block_norms_heatmap"])},
+        figures = self._figures(frame, {"fd_block_norms_heatmap": (norms, *hfig.norm_title("fd_block_norms_heatmap"))},
                                 {"method": "finite_difference"})
         return {"method": "finite_difference", "n_params": sum(sizes), "block_sizes": sizes,
                 "norms": norms.tolist(), "wall_time": time.perf_counter() - start, "figures": figures}
@@ -323,8 +322,8 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
                  batch_size: int = 256, mode: str = "eval", dtype: str = "float64", seed: int = 0,
                  curvature: str = "hessian") -> None:
         super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
-        if tol <= 0 or int(max_steps) != max_steps or max_steps < 1:
-            raise ValueError(f"need tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
+        if not 0 < tol < float("inf") or int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"need a finite tol > 0 and an integer max_steps >= 1, got tol={tol}, max_steps={max_steps}")
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(f"unknown method {method!r}; valid: ['auto', 'dense', 'krylov']")
         check_curvature(curvature)
@@ -343,7 +342,7 @@ class HessianBlockInteractionMeasurement(_HessianUnit):
             memory_budget_mb=self.memory_budget_mb, method=self.method, return_info=True, curvature=self.curvature)
         coupling = hessian.normalised_coupling(norms)
         figures = self._figures(frame, {
-            "block_offdiag_eig_heatmap": (norms, *self.norm_titles["block_offdiag_eig_heatmap"]),
+            "block_offdiag_eig_heatmap": (norms, *hfig.norm_title("block_offdiag_eig_heatmap", self.curvature)),
             "block_coupling_heatmap": (coupling, "coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$", "coupling")},
             {"method": info.method, "lower_bound": info.lower_bound})
         return {"method": info.method, "curvature": self.curvature, "hvps": info.hvps, "batched_calls": info.calls,
@@ -369,8 +368,8 @@ class HessianSpectrumMeasurement(_HessianUnit):
                  curvature: str = "hessian", memory_budget_mb: float = 256, batch_size: int = 256,
                  mode: str = "eval", dtype: str = "float64", seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
-        if not tol > 0 or memory_budget_mb <= 0:
-            raise ValueError(f"need tol > 0 and memory_budget_mb > 0, got tol={tol}, "
+        if not 0 < tol < float("inf") or memory_budget_mb <= 0:
+            raise ValueError(f"need a finite tol > 0 and memory_budget_mb > 0, got tol={tol}, "
                              f"memory_budget_mb={memory_budget_mb}")
         check_curvature(curvature)
         self.k, self.max_steps = positive_int("k", k), positive_int("max_steps", max_steps)
@@ -387,7 +386,7 @@ class HessianSpectrumMeasurement(_HessianUnit):
         result = curvature_spectrum(model, frame.criterion, inputs, targets, k=self.k, tol=self.tol,
                                     max_steps=self.max_steps, trace_probes=self.trace_probes, seed=self.seed,
                                     memory_budget_mb=self.memory_budget_mb, curvature=self.curvature)
-        record = {"curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "samples": len(inputs),
+        record = {"curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "batch_samples": len(inputs),
                   "tol": self.tol, "block_sizes": hessian.block_sizes(model), **dataclasses.asdict(result)}
         record["batched_calls"] = record.pop("calls")
         return {**record, "wall_time": time.perf_counter() - start}

@@ -19,6 +19,16 @@ from typing import Any, Sequence
 from src.plots import pyplot, save_figure
 
 TOP_PAIRS = 3  # pairs drawn in the coupling-over-training figure and logged with each measurement
+NORM_TITLES = {  # norm heat-map stem -> (title, colour-bar label), for the Hessian
+    "fd_block_norms_heatmap": ("finite-difference $\\|H_{ij}\\|_2$", "spectral norm"),
+    "block_offdiag_eig_heatmap": ("Hessian block norms $\\sigma_{max}(H_{ij})$", "spectral norm")}
+
+
+def norm_title(stem: str, curvature: str = "hessian") -> tuple[str, str]:
+    """(title, colour-bar label) of a norm heat-map: a Gauss-Newton measurement is titled as one, not "Hessian"."""
+    if curvature == "ggn":
+        return "Gauss-Newton block norms $\\sigma_{max}(G_{ij})$", "spectral norm"
+    return NORM_TITLES[stem]
 
 
 def _finite(value: Any) -> bool:

@@ -41,7 +41,8 @@ def parse_measurement_rounds(spec: Any, total: int) -> list[int]:
         return []
     if isinstance(spec, str) and spec.strip().lower() == LOG:
         return log_rounds(total)
-    valid = f"valid: {LOG!r} or a list of integer rounds in [0, {total}] such as [0, 10, {max(total, 20)}]"
+    example = sorted({0, total // 2, total})  # within [0, total], as the message promises
+    valid = f"valid: {LOG!r} or a list of integer rounds in [0, {total}] such as {example}"
     if not isinstance(spec, (list, tuple)):
         raise ValueError(f"measurement_rounds {spec!r} is not valid; {valid}")
     bad = [r for r in spec if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= total]

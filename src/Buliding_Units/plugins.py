@@ -137,7 +137,7 @@ def parse_units(text: str, source: str) -> list[Any]:
         ConfigError: as :func:`parse_measurement_units`.
     """
     plugins = available_plugins()
-    units = []
+    units, measured_at = [], {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if line[:1] in ("\u2013", "\u2014", "\u2212"):  # an en dash, em dash or minus sign, as word processors write
@@ -150,6 +150,13 @@ def parse_units(text: str, source: str) -> list[Any]:
         name, *args = line[1:].split()
         cls = resolve_plugin(name, where, plugins)
         kwargs = _arguments(cls, name, args, where)
+        if issubclass(cls, measurement_module.MeasurementUnit):  # its log and figures are named by class and run id
+            if cls in measured_at:
+                raise ConfigError(f"{where}: {name} is listed twice (line {measured_at[cls]} too): a measurement "
+                                  "unit's log and figures are named by its class and the run id, so two would "
+                                  "overwrite each other; measure the other settings in a second run (--tag, or "
+                                  "--measure_only with another --units_file)")
+            measured_at[cls] = number
         try:
             units.append(cls(**kwargs))
         except Exception as err:  # a plugin's constructor may fail in any way: name the line instead of a traceback
