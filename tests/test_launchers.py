@@ -260,3 +260,34 @@ def test_a_job_runs_its_command_into_the_run_log_ignoring_slurm_usr2(tmp_path):
                "signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN); raise SystemExit(3)"]
     assert slurm.RunCommand(command, {ATTEMPT_ENV: "R1.1.aa"}, log)() == 3  # the job's result: the exit status
     assert log.read_text() == "R1.1.aa True\n"
+
+
+class _LostTheLockRace:
+    """A launcher whose attempt exits 3 (the run is locked by another process) and whose lock holder, another
+    master's attempt, has finished the run by the time the exit status is read."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=f"{self.run.run_id}.1.other").finish(
+            "finished")
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 3
+        return False
+
+    def find(self, name, command):
+        return None
+
+
+def test_a_run_that_another_master_finished_while_we_lost_its_lock_is_done_not_failed(tmp_path):
+    """Two masters (different trackers) start the same run: ours exits 3; when we read that, the winner has already
+    finished. Not a failure of the run (with --max_attempts 1 it was reported FAILED and the master exited 1)."""
+    run = sweep.Run("Rrace0001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_LostTheLockRace(run),
+                                max_attempts=1, poll_interval=0.01)
+    assert scheduler.run() == {"Rrace0001": "done"}
+    assert scheduler.entry(run)["failures"] == 0

@@ -37,6 +37,7 @@ INTERRUPTED = 130
 _REPORT_OUTCOME = {"finished": "done", "stopped": "done", "diverged": "diverged", "failed": "failed",
                    "interrupted": "interrupted", "died": "failed",
                    "alive": "failed"}  # "alive" from an old report whose process is gone: killed hard
+_DONE_ELSEWHERE = {"finished": "done", "stopped": "done", "diverged": "diverged"}  # a report's final statuses
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Scheduler:
     def _ended_elsewhere(self, run: Run, entry: dict[str, Any]) -> bool:
         """True (and the entry closed) when the run's own report says it ended: run by another master, another
         tracker or by hand. Such a run is never run again."""
-        outcome = {"finished": "done", "stopped": "done", "diverged": "diverged"}.get(self._report_status(run))
+        outcome = _DONE_ELSEWHERE.get(self._report_status(run))
         if outcome is None:
             return False
         entry.update(status=outcome, ended=entry.get("ended") or now(), detail="ended outside this tracker "
@@ -164,10 +165,15 @@ class Scheduler:
     def _finish(self, active: _Active) -> None:
         run, handle, entry = active.run, active.handle, self.entry(active.run)
         code = handle.returncode
-        if code == RUN_LOCKED and (holder := self._live(run)) is not None:  # another master's run: wait for it
-            self.active.remove(active)
-            self._adopt(run, holder, entry, active.since)
-            return
+        if code == RUN_LOCKED:  # another process held the run: wait for it, or take its outcome if it ended
+            holder = self._live(run)
+            if holder is not None or self._report_status(run) in _DONE_ELSEWHERE:
+                self.active.remove(active)
+                if holder is not None:
+                    self._adopt(run, holder, entry, active.since)
+                else:  # it finished before we looked (a race of two masters): its result, not our failure
+                    self._ended_elsewhere(run, entry)
+                return
         if code is None:
             outcome = self._from_report(run, entry, active.since)
         elif code == 0:
