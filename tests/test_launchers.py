@@ -291,3 +291,47 @@ def test_a_run_that_another_master_finished_while_we_lost_its_lock_is_done_not_f
                                 max_attempts=1, poll_interval=0.01)
     assert scheduler.run() == {"Rrace0001": "done"}
     assert scheduler.entry(run)["failures"] == 0
+
+
+def _job_result(tmp_path: Path, value, outcome: str = "success") -> Path:
+    """The result pickle submitit's job process wrote for job 4242 of run Rabc00001."""
+    from submitit.core.utils import JobPaths, cloudpickle_dump
+    path = JobPaths(tmp_path / "submitit" / "Rabc00001", "4242").result_pickle
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cloudpickle_dump((outcome, value), path)
+    return path
+
+
+def test_a_job_still_completing_after_its_run_failed_is_not_adopted_again(tmp_path, monkeypatch):
+    """squeue lists a job COMPLETING for a while after its result is written: adopting it would judge the same
+    failure a second time (two failures counted for one, so the default --max_attempts 2 never retries)."""
+    fake_slurm(tmp_path, monkeypatch, queue="4242|COMPLETING|Rabc00001.1.ff\n")
+    _job_result(tmp_path, 1)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    assert launcher.find("Rabc00001", ["python", "dol1.py"]) is None
+
+
+def test_a_preempted_job_requeued_by_slurm_stays_adopted_until_it_runs_again(tmp_path, monkeypatch):
+    """SLURM's preemption sends SIGTERM: the run checkpoints and exits 130, submitit writes that result, SLURM
+    requeues the same job. That stale result must not end the adopted job at every poll (a loop of interrupted /
+    queued again / adopted, one squeue per poll, for as long as the job waits in the queue)."""
+    bin_dir = fake_slurm(tmp_path, monkeypatch, queue="4242|PENDING|Rabc00001.1.ff\n")
+    result = _job_result(tmp_path, 130)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    handle = launcher.find("Rabc00001", ["python", "dol1.py"])
+    assert handle is not None and launcher.poll(handle) and launcher.poll(handle)
+    before = result.stat().st_mtime_ns
+    _job_result(tmp_path, 0)  # the requeued job ran and finished
+    os.utime(result, ns=(before + 10**9, before + 10**9))
+    assert not launcher.poll(handle) and handle.returncode == 0
+    assert (bin_dir / "calls.txt").read_text().count("squeue") <= 2  # not one per poll
+
+
+def test_an_interrupted_job_that_slurm_did_not_requeue_ends_once_squeue_drops_it(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch, queue="4242|COMPLETING|Rabc00001.1.ff\n")
+    _job_result(tmp_path, 130)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    handle = launcher.find("Rabc00001", ["python", "dol1.py"])
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\n")  # cancelled, not requeued: gone from the queue
+    monkeypatch.setattr(slurm, "SQUEUE_EVERY_S", 0.0)
+    assert not launcher.poll(handle) and handle.returncode == 130
