@@ -72,6 +72,18 @@ def test_spawned_workers_share_the_slot_thread_cap(monkeypatch, omp, n_workers, 
     assert (plan.n, plan.threads) == expected
 
 
+def test_async_workers_share_the_slot_thread_cap_too(monkeypatch):
+    """8 slots x 4 async workers on 16 cores: 1 thread per worker (the slot's cap of 2 shared), not 16 // 4 each."""
+    from src.Optimizer_Engines import async_transport
+    monkeypatch.setattr(worker_pool, "available_cpus", lambda: 16)
+    monkeypatch.setattr(async_transport, "available_cpus", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    frame = SimpleNamespace(n_blocks=4, H={"n_workers": 4, "worker_speeds": []}, device=torch.device("cpu"))
+    assert async_transport.make_plan(frame).threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert async_transport.make_plan(frame).threads == 4  # no cap: the cores
+
+
 # --- the attempt token ----------------------------------------------------------------------------------------------
 def test_the_token_is_written_in_status_and_report_and_kept_on_resume(tmp_path):
     reporter = Reporter({"a": 1}, tmp_path, run="Rtoken001", attempt="Rtoken001.1.abc")
