@@ -347,3 +347,27 @@ def test_an_interrupted_job_that_slurm_did_not_requeue_ends_once_squeue_drops_it
     (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\n")  # cancelled, not requeued: gone from the queue
     monkeypatch.setattr(slurm, "SQUEUE_EVERY_S", 0.0)
     assert not launcher.poll(handle) and handle.returncode == 130
+
+
+class _Raises(_LostTheLockRace):
+    """A launcher whose attempt writes a failed report under its token and exits 1."""
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=env[ATTEMPT_ENV]).finish(
+            "failed", "exit code 1: RuntimeError: boom")
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 1
+        return False
+
+
+def test_a_failed_attempt_is_recorded_with_the_reason_its_report_gives(tmp_path):
+    run = sweep.Run("Rboom0001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    events = []
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_Raises(run), max_attempts=1,
+                                poll_interval=0.01, on_event=lambda kind, r, entry: events.append((kind, entry and
+                                                                                                   entry["detail"])))
+    assert scheduler.run() == {"Rboom0001": "failed"}
+    assert ("failed", "exit code 1: RuntimeError: boom") in events

@@ -193,6 +193,8 @@ class Scheduler:
             entry["detail"] = lines[-1] if lines else None
         if outcome == "failed":
             entry["failures"] += 1
+            if code not in (None, BAD_INPUT):  # the reason its report gives (the exception's line), if it wrote one
+                self._from_report(run, entry, active.since)
         self.active.remove(active)
         self._settle(run, entry)
 
