@@ -371,3 +371,17 @@ def test_a_failed_attempt_is_recorded_with_the_reason_its_report_gives(tmp_path)
                                                                                                    entry["detail"])))
     assert scheduler.run() == {"Rboom0001": "failed"}
     assert ("failed", "exit code 1: RuntimeError: boom") in events
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ('{"mem": {"a": 1}}', "'mem' must be a string, got {'a': 1}"),
+    ('{"use_srun": "false"}', "'use_srun' must be a boolean, got 'false'"),  # a truthy string
+    ('{"signal_delay_s": "90s"}', "'signal_delay_s' must be an integer, got '90s'"),
+    ('{"teardown": "rm -rf x"}', "'teardown' must be a list, got 'rm -rf x'"),  # joined character by character
+])
+def test_slurm_extra_values_of_the_wrong_type_are_refused(extra, needle):
+    with pytest.raises(slurm.ConfigError) as info:
+        slurm.parse_extra(extra)
+    assert needle in str(info.value)
+    assert slurm.parse_extra('{"mem": "32G", "exclusive": true, "srun_args": ["--cpu-bind=none"], "num_gpus": 2, '
+                             '"additional_parameters": {"licenses": "x"}, "mem_per_cpu": 4000}')

@@ -17,8 +17,10 @@ needs ``submitit``, pinned in requirements.txt). Nothing here prints.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import getpass
+import inspect
 import json
 import os
 import pickle
@@ -29,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union, get_args, get_origin
 
 from submitit import AutoExecutor
 from submitit.core.utils import DelayedSubmission, JobPaths, pickle_load
@@ -81,10 +83,27 @@ def parse_extra(text: str) -> dict[str, Any]:
                f"--cpus_per_run, --slurm_array_parallelism)" if own else ""
         raise ConfigError(f"--slurm_extra: unknown SLURM option(s) {unknown}{hint}; valid: {valid}")
     for key, value in extra.items():
-        if not isinstance(value, (str, int, float, bool, list, dict)) or value is None:
-            raise ConfigError(f"--slurm_extra: {key!r} must be a string, number, boolean, list or object, got "
+        kinds = _json_kinds(inspect.signature(_make_sbatch_string).parameters[key].annotation)
+        if type(value) not in kinds:  # type(): a boolean is no integer here
+            raise ConfigError(f"--slurm_extra: {key!r} must be {' or '.join(dict.fromkeys(kinds.values()))}, got "
                               f"{value!r}")
     return extra
+
+
+def _json_kinds(annotation: Any) -> dict[type, str]:
+    """The JSON values a parameter of submitit's sbatch renderer takes, from its annotation (numbers as text)."""
+    kinds: dict[type, str] = {}
+    for arg in get_args(annotation) if get_origin(annotation) is Union else (annotation,):
+        origin = get_origin(arg) or arg
+        if origin in (list, collections.abc.Iterable):
+            kinds[list] = "a list"
+        elif origin is dict:
+            kinds[dict] = "an object"
+        elif arg is str:
+            kinds.update({str: "a string", int: "a string", float: "a string"})
+        elif arg in (int, bool):
+            kinds[arg] = "an integer" if arg is int else "a boolean"
+    return kinds
 
 
 def check_cluster(launcher: str) -> None:
