@@ -385,3 +385,32 @@ def test_slurm_extra_values_of_the_wrong_type_are_refused(extra, needle):
     assert needle in str(info.value)
     assert slurm.parse_extra('{"mem": "32G", "exclusive": true, "srun_args": ["--cpu-bind=none"], "num_gpus": 2, '
                              '"additional_parameters": {"licenses": "x"}, "mem_per_cpu": 4000}')
+
+
+class _SqueueHiccup(_LostTheLockRace):
+    """A launcher whose look for a live job before the start fails once (squeue timed out, as on a busy cluster)."""
+
+    looks = 0
+
+    def find(self, name, command):
+        self.looks += 1
+        if self.looks == 2:  # the first look is the master's start-up reconciliation
+            raise OSError("squeue failed (exit 1): slurm_load_jobs error: Socket timed out on send/recv operation")
+        return None
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=env[ATTEMPT_ENV]).finish()
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 0
+        return False
+
+
+def test_a_failed_look_for_live_jobs_delays_the_start_and_does_not_kill_the_master(tmp_path):
+    run = sweep.Run("Rhic00001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_SqueueHiccup(run),
+                                poll_interval=0.01)
+    assert scheduler.run() == {"Rhic00001": "done"}
+    assert scheduler.entry(run)["attempts"] == 1 and scheduler.launcher.looks == 3

@@ -87,6 +87,7 @@ class Scheduler:
         self.active: list[_Active] = []
         self.queue: list[Run] = []
         self._saved_at = 0.0
+        self._look_failed = False  # a launcher's look for live attempts failed this round: start nothing more now
 
     # --- tracker ---
     def entry(self, run: Run) -> dict[str, Any]:
@@ -231,7 +232,12 @@ class Scheduler:
 
     def _launch(self, run: Run, slot: Slot) -> None:
         entry, command = self.entry(run), self.command(run)
-        found = self._live(run)
+        try:
+            found = self._live(run)
+        except OSError:  # the launcher could not look (squeue failed): never start blind; try again next round
+            self.queue.insert(0, run)
+            self._look_failed = True
+            return
         if found is not None:  # someone else runs it already: wait for that one instead
             self._adopt(run, found, entry, time.time())
             return
@@ -331,7 +337,9 @@ class Scheduler:
         """Run the sweep to the end (or until a stop request); returns run id -> final status."""
         self.prepare()
         while (self.queue or self.active) and not self.stop_requests:
-            while self.queue and (slot := self._free_slot()) is not None and not self.stop_requests:
+            self._look_failed = False
+            while self.queue and not self._look_failed and (slot := self._free_slot()) is not None \
+                    and not self.stop_requests:
                 self._launch(self.queue.pop(0), slot)
             self._tick()
             if self.queue or self.active:

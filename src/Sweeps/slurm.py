@@ -255,8 +255,11 @@ def _descendants(pid: int) -> list[int]:
 
 def _squeue(name: str) -> list[tuple[str, str, str]]:
     """(job id, state, comment) of this user's queued and running SLURM jobs named ``name``."""
-    out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", f"--name={name}",
-                          "--format=%i|%T|%k"], capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", f"--name={name}",
+                              "--format=%i|%T|%k"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as err:  # an OSError like a failed squeue: the master looks again later
+        raise OSError(f"squeue did not answer within {err.timeout} s") from err
     if out.returncode != 0:
         raise OSError(f"squeue failed (exit {out.returncode}): {out.stderr.strip()}")
     return [tuple(line.split("|", 2)) for line in out.stdout.splitlines() if line.count("|") >= 2]
