@@ -93,7 +93,7 @@ if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction 
     precheck(sys.argv[1:])
 
 # everything below imports torch
-from src.utils import set_deterministic  # noqa: E402
+from src.utils import deterministic_kept, set_deterministic  # noqa: E402
 from src.Buliding_Units.checkpoint import restore  # noqa: E402
 from src.Buliding_Units.measurement_schedule import measuring  # noqa: E402
 from src.Buliding_Units.Model_frames import Frame, device_note, generate_ModelFrame  # noqa: E402
@@ -335,8 +335,10 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
 
 def run(**settings: Any) -> Frame | None:
     """The notebook API: ``run(model="mlp", rounds=50)`` is ``python dol1.py --model mlp --rounds 50`` returning the
-    Frame; a bad key or value raises the ConfigError the command line prints. Reopen runs with ``load_run``."""
-    return main(settings_argv(settings), raise_errors=True)
+    Frame; a bad key or value raises the ConfigError the command line prints. Reopen runs with ``load_run``.
+    ``deterministic=True`` holds for this run only (the process's settings are restored after it)."""
+    with deterministic_kept():
+        return main(settings_argv(settings), raise_errors=True)
 
 
 if __name__ == "__main__":

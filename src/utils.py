@@ -7,8 +7,10 @@ the plugins it builds, a floor up: :func:`src.Buliding_Units.plugins.parse_measu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from src.reporting import PROJECT_ROOT, Reporter, archive_existing, git_commit, 
 
 __all__ = ["PROJECT_ROOT", "ConfigError", "Reporter", "archive_existing", "block_tensors", "copy_block", "copy_model",
            "get_max_batch_size", "git_commit", "key_comments", "parse_arguments", "read_report", "run_id",
-           "set_deterministic", "set_seed"]
+           "deterministic_kept", "set_deterministic", "set_seed"]
 
 
 def set_deterministic() -> None:
@@ -28,6 +30,19 @@ def set_deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+@contextlib.contextmanager
+def deterministic_kept() -> Iterator[None]:
+    """Restore the process's deterministic settings (:func:`set_deterministic`'s) on leaving the block: a run in a
+    notebook's process must not change how the notebook's next run computes."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
 def set_seed(seed: int) -> None:

@@ -79,3 +79,13 @@ def test_settings_argv_writes_literals():
                           "deterministic": True, "step_size": torch.tensor(0.5, dtype=torch.float64)}) == [
         "--config=[8, 8]", "--tag=a b", "--output_root=/x", "--target_value=None", "--deterministic=True",
         "--step_size=0.5"]
+
+
+def test_a_deterministic_run_leaves_the_next_run_of_the_notebook_as_it_asked(tmp_path):
+    """run(deterministic=True) switched torch's deterministic algorithms on for the whole process: the next run(...)
+    without it ran deterministic too while its report and config said deterministic false."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    dol1.run(**{**SETTINGS, "rounds": 1, "deterministic": True, "output_root": tmp_path})
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before

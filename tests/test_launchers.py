@@ -72,6 +72,18 @@ def test_spawned_workers_share_the_slot_thread_cap(monkeypatch, omp, n_workers, 
     assert (plan.n, plan.threads) == expected
 
 
+def test_async_workers_share_the_slot_thread_cap_too(monkeypatch):
+    """8 slots x 4 async workers on 16 cores: 1 thread per worker (the slot's cap of 2 shared), not 16 // 4 each."""
+    from src.Optimizer_Engines import async_transport
+    monkeypatch.setattr(worker_pool, "available_cpus", lambda: 16)
+    monkeypatch.setattr(async_transport, "available_cpus", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    frame = SimpleNamespace(n_blocks=4, H={"n_workers": 4, "worker_speeds": []}, device=torch.device("cpu"))
+    assert async_transport.make_plan(frame).threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert async_transport.make_plan(frame).threads == 4  # no cap: the cores
+
+
 # --- the attempt token ----------------------------------------------------------------------------------------------
 def test_the_token_is_written_in_status_and_report_and_kept_on_resume(tmp_path):
     reporter = Reporter({"a": 1}, tmp_path, run="Rtoken001", attempt="Rtoken001.1.abc")
@@ -260,3 +272,145 @@ def test_a_job_runs_its_command_into_the_run_log_ignoring_slurm_usr2(tmp_path):
                "signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN); raise SystemExit(3)"]
     assert slurm.RunCommand(command, {ATTEMPT_ENV: "R1.1.aa"}, log)() == 3  # the job's result: the exit status
     assert log.read_text() == "R1.1.aa True\n"
+
+
+class _LostTheLockRace:
+    """A launcher whose attempt exits 3 (the run is locked by another process) and whose lock holder, another
+    master's attempt, has finished the run by the time the exit status is read."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=f"{self.run.run_id}.1.other").finish(
+            "finished")
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 3
+        return False
+
+    def find(self, name, command):
+        return None
+
+
+def test_a_run_that_another_master_finished_while_we_lost_its_lock_is_done_not_failed(tmp_path):
+    """Two masters (different trackers) start the same run: ours exits 3; when we read that, the winner has already
+    finished. Not a failure of the run (with --max_attempts 1 it was reported FAILED and the master exited 1)."""
+    run = sweep.Run("Rrace0001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_LostTheLockRace(run),
+                                max_attempts=1, poll_interval=0.01)
+    assert scheduler.run() == {"Rrace0001": "done"}
+    assert scheduler.entry(run)["failures"] == 0
+
+
+def _job_result(tmp_path: Path, value, outcome: str = "success") -> Path:
+    """The result pickle submitit's job process wrote for job 4242 of run Rabc00001."""
+    from submitit.core.utils import JobPaths, cloudpickle_dump
+    path = JobPaths(tmp_path / "submitit" / "Rabc00001", "4242").result_pickle
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cloudpickle_dump((outcome, value), path)
+    return path
+
+
+def test_a_job_still_completing_after_its_run_failed_is_not_adopted_again(tmp_path, monkeypatch):
+    """squeue lists a job COMPLETING for a while after its result is written: adopting it would judge the same
+    failure a second time (two failures counted for one, so the default --max_attempts 2 never retries)."""
+    fake_slurm(tmp_path, monkeypatch, queue="4242|COMPLETING|Rabc00001.1.ff\n")
+    _job_result(tmp_path, 1)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    assert launcher.find("Rabc00001", ["python", "dol1.py"]) is None
+
+
+def test_a_preempted_job_requeued_by_slurm_stays_adopted_until_it_runs_again(tmp_path, monkeypatch):
+    """SLURM's preemption sends SIGTERM: the run checkpoints and exits 130, submitit writes that result, SLURM
+    requeues the same job. That stale result must not end the adopted job at every poll (a loop of interrupted /
+    queued again / adopted, one squeue per poll, for as long as the job waits in the queue)."""
+    bin_dir = fake_slurm(tmp_path, monkeypatch, queue="4242|PENDING|Rabc00001.1.ff\n")
+    result = _job_result(tmp_path, 130)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    handle = launcher.find("Rabc00001", ["python", "dol1.py"])
+    assert handle is not None and launcher.poll(handle) and launcher.poll(handle)
+    before = result.stat().st_mtime_ns
+    _job_result(tmp_path, 0)  # the requeued job ran and finished
+    os.utime(result, ns=(before + 10**9, before + 10**9))
+    assert not launcher.poll(handle) and handle.returncode == 0
+    assert (bin_dir / "calls.txt").read_text().count("squeue") <= 2  # not one per poll
+
+
+def test_an_interrupted_job_that_slurm_did_not_requeue_ends_once_squeue_drops_it(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch, queue="4242|COMPLETING|Rabc00001.1.ff\n")
+    _job_result(tmp_path, 130)
+    launcher = slurm.SubmititLauncher("slurm", tmp_path / "submitit", OPTIONS, PROJECT)
+    handle = launcher.find("Rabc00001", ["python", "dol1.py"])
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\n")  # cancelled, not requeued: gone from the queue
+    monkeypatch.setattr(slurm, "SQUEUE_EVERY_S", 0.0)
+    assert not launcher.poll(handle) and handle.returncode == 130
+
+
+class _Raises(_LostTheLockRace):
+    """A launcher whose attempt writes a failed report under its token and exits 1."""
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=env[ATTEMPT_ENV]).finish(
+            "failed", "exit code 1: RuntimeError: boom")
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 1
+        return False
+
+
+def test_a_failed_attempt_is_recorded_with_the_reason_its_report_gives(tmp_path):
+    run = sweep.Run("Rboom0001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    events = []
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_Raises(run), max_attempts=1,
+                                poll_interval=0.01, on_event=lambda kind, r, entry: events.append((kind, entry and
+                                                                                                   entry["detail"])))
+    assert scheduler.run() == {"Rboom0001": "failed"}
+    assert ("failed", "exit code 1: RuntimeError: boom") in events
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ('{"mem": {"a": 1}}', "'mem' must be a string, got {'a': 1}"),
+    ('{"use_srun": "false"}', "'use_srun' must be a boolean, got 'false'"),  # a truthy string
+    ('{"signal_delay_s": "90s"}', "'signal_delay_s' must be an integer, got '90s'"),
+    ('{"teardown": "rm -rf x"}', "'teardown' must be a list, got 'rm -rf x'"),  # joined character by character
+])
+def test_slurm_extra_values_of_the_wrong_type_are_refused(extra, needle):
+    with pytest.raises(slurm.ConfigError) as info:
+        slurm.parse_extra(extra)
+    assert needle in str(info.value)
+    assert slurm.parse_extra('{"mem": "32G", "exclusive": true, "srun_args": ["--cpu-bind=none"], "num_gpus": 2, '
+                             '"additional_parameters": {"licenses": "x"}, "mem_per_cpu": 4000}')
+
+
+class _SqueueHiccup(_LostTheLockRace):
+    """A launcher whose look for a live job before the start fails once (squeue timed out, as on a busy cluster)."""
+
+    looks = 0
+
+    def find(self, name, command):
+        self.looks += 1
+        if self.looks == 2:  # the first look is the master's start-up reconciliation
+            raise OSError("squeue failed (exit 1): slurm_load_jobs error: Socket timed out on send/recv operation")
+        return None
+
+    def start(self, command, env, log_path, name=""):
+        Reporter({"a": 1}, self.run.reports_dir, run=self.run.run_id, attempt=env[ATTEMPT_ENV]).finish()
+        return launchers.Handle(None, token=env[ATTEMPT_ENV], job_id="1")
+
+    def poll(self, handle):
+        handle.returncode = 0
+        return False
+
+
+def test_a_failed_look_for_live_jobs_delays_the_start_and_does_not_kill_the_master(tmp_path):
+    run = sweep.Run("Rhic00001", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_SqueueHiccup(run),
+                                poll_interval=0.01)
+    assert scheduler.run() == {"Rhic00001": "done"}
+    assert scheduler.entry(run)["attempts"] == 1 and scheduler.launcher.looks == 3

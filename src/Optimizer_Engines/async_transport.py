@@ -11,7 +11,7 @@ from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines.async_book import assign_blocks, check_speeds
 from src.Optimizer_Engines.distributed_state import apply_handoff, handoff
-from src.Optimizer_Engines.worker_pool import available_cpus
+from src.Optimizer_Engines.worker_pool import available_cpus, thread_budget
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class AsyncPlan:
 
 
 def make_plan(frame: Frame, world: int | None = None) -> AsyncPlan:
-    """The workers of ``frame``'s run: ``n_workers`` (0 = one per block), or ``world - 1`` under torchrun."""
+    """The workers of ``frame``'s run: ``n_workers`` (0 = one per block), or ``world - 1`` under torchrun. Spawned
+    workers share the run's thread budget (the cores, capped by ``OMP_NUM_THREADS`` as master.py sets it per slot)."""
     blocks_of = assign_blocks(frame.n_blocks, frame.H["n_workers"] if world is None else world - 1)
     if world is not None and len(blocks_of) != world - 1:
         raise ValueError(f"--training_mode async under torchrun: {world} processes = a server and {world - 1} "
@@ -39,7 +40,7 @@ def make_plan(frame: Frame, world: int | None = None) -> AsyncPlan:
     devices = (str(frame.device),) + tuple(f"cuda:{w % n_gpus}" if n_gpus else "cpu" for w in range(len(blocks_of)))
     return AsyncPlan(tuple(tuple(b) for b in blocks_of), tuple(check_speeds(frame.H["worker_speeds"],
                                                                             len(blocks_of))),
-                     max(1, available_cpus() // len(blocks_of)), devices)
+                     max(1, (thread_budget() if world is None else available_cpus()) // len(blocks_of)), devices)
 
 
 def _groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -37,6 +37,7 @@ INTERRUPTED = 130
 _REPORT_OUTCOME = {"finished": "done", "stopped": "done", "diverged": "diverged", "failed": "failed",
                    "interrupted": "interrupted", "died": "failed",
                    "alive": "failed"}  # "alive" from an old report whose process is gone: killed hard
+_DONE_ELSEWHERE = {"finished": "done", "stopped": "done", "diverged": "diverged"}  # a report's final statuses
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Scheduler:
         self.active: list[_Active] = []
         self.queue: list[Run] = []
         self._saved_at = 0.0
+        self._look_failed = False  # a launcher's look for live attempts failed this round: start nothing more now
 
     # --- tracker ---
     def entry(self, run: Run) -> dict[str, Any]:
@@ -136,7 +138,7 @@ class Scheduler:
     def _ended_elsewhere(self, run: Run, entry: dict[str, Any]) -> bool:
         """True (and the entry closed) when the run's own report says it ended: run by another master, another
         tracker or by hand. Such a run is never run again."""
-        outcome = {"finished": "done", "stopped": "done", "diverged": "diverged"}.get(self._report_status(run))
+        outcome = _DONE_ELSEWHERE.get(self._report_status(run))
         if outcome is None:
             return False
         entry.update(status=outcome, ended=entry.get("ended") or now(), detail="ended outside this tracker "
@@ -164,10 +166,15 @@ class Scheduler:
     def _finish(self, active: _Active) -> None:
         run, handle, entry = active.run, active.handle, self.entry(active.run)
         code = handle.returncode
-        if code == RUN_LOCKED and (holder := self._live(run)) is not None:  # another master's run: wait for it
-            self.active.remove(active)
-            self._adopt(run, holder, entry, active.since)
-            return
+        if code == RUN_LOCKED:  # another process held the run: wait for it, or take its outcome if it ended
+            holder = self._live(run)
+            if holder is not None or self._report_status(run) in _DONE_ELSEWHERE:
+                self.active.remove(active)
+                if holder is not None:
+                    self._adopt(run, holder, entry, active.since)
+                else:  # it finished before we looked (a race of two masters): its result, not our failure
+                    self._ended_elsewhere(run, entry)
+                return
         if code is None:
             outcome = self._from_report(run, entry, active.since)
         elif code == 0:
@@ -187,6 +194,8 @@ class Scheduler:
             entry["detail"] = lines[-1] if lines else None
         if outcome == "failed":
             entry["failures"] += 1
+            if code not in (None, BAD_INPUT):  # the reason its report gives (the exception's line), if it wrote one
+                self._from_report(run, entry, active.since)
         self.active.remove(active)
         self._settle(run, entry)
 
@@ -223,7 +232,12 @@ class Scheduler:
 
     def _launch(self, run: Run, slot: Slot) -> None:
         entry, command = self.entry(run), self.command(run)
-        found = self._live(run)
+        try:
+            found = self._live(run)
+        except OSError:  # the launcher could not look (squeue failed): never start blind; try again next round
+            self.queue.insert(0, run)
+            self._look_failed = True
+            return
         if found is not None:  # someone else runs it already: wait for that one instead
             self._adopt(run, found, entry, time.time())
             return
@@ -323,7 +337,9 @@ class Scheduler:
         """Run the sweep to the end (or until a stop request); returns run id -> final status."""
         self.prepare()
         while (self.queue or self.active) and not self.stop_requests:
-            while self.queue and (slot := self._free_slot()) is not None and not self.stop_requests:
+            self._look_failed = False
+            while self.queue and not self._look_failed and (slot := self._free_slot()) is not None \
+                    and not self.stop_requests:
                 self._launch(self.queue.pop(0), slot)
             self._tick()
             if self.queue or self.active:

@@ -10,13 +10,17 @@ run is never submitted twice, even when the master was killed between the submis
 
 Preemption and time limits: SLURM signals the job (USR2, ``signal_delay_s`` before the end); submitit calls
 :meth:`RunCommand.checkpoint`, which asks dol1.py to checkpoint and stop (SIGTERM) and requeues the same command,
-which resumes from that checkpoint (``--resume=auto``). master.py imports this module only for those launchers (it
+which resumes from that checkpoint (``--resume=auto``). A preemption that sends SIGTERM instead (SLURM's default)
+stops dol1.py itself (exit 130, written as the job's result) and SLURM requeues the same job: the master finds it
+queued again and waits for it, ignoring that earlier result. master.py imports this module only for those launchers (it
 needs ``submitit``, pinned in requirements.txt). Nothing here prints.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import getpass
+import inspect
 import json
 import os
 import pickle
@@ -27,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union, get_args, get_origin
 
 from submitit import AutoExecutor
 from submitit.core.utils import DelayedSubmission, JobPaths, pickle_load
@@ -41,6 +45,8 @@ from src.Sweeps.launchers import Handle, cmdline_of, parent_of, token_processes
 
 CLUSTERS = {"slurm": "slurm", "submitit_local": "local"}  # --launcher -> submitit's cluster name
 CHECKPOINT_WAIT_S = 60.0  # how long a signalled job waits for dol1.py to checkpoint before it is requeued
+INTERRUPTED_EXIT = 130  # dol1.py's exit status when a signal (SLURM's preemption SIGTERM, scancel) stopped it
+SQUEUE_EVERY_S = 30.0  # how often squeue is asked whether a preempted job is still queued
 _OWN_KEYS = {"job_name", "partition", "time", "gpus_per_node", "cpus_per_task", "array_parallelism", "comment",
              "setup", "nodes", "ntasks_per_node"}  # set from master.py's own flags: not in --slurm_extra
 
@@ -77,10 +83,27 @@ def parse_extra(text: str) -> dict[str, Any]:
                f"--cpus_per_run, --slurm_array_parallelism)" if own else ""
         raise ConfigError(f"--slurm_extra: unknown SLURM option(s) {unknown}{hint}; valid: {valid}")
     for key, value in extra.items():
-        if not isinstance(value, (str, int, float, bool, list, dict)) or value is None:
-            raise ConfigError(f"--slurm_extra: {key!r} must be a string, number, boolean, list or object, got "
+        kinds = _json_kinds(inspect.signature(_make_sbatch_string).parameters[key].annotation)
+        if type(value) not in kinds:  # type(): a boolean is no integer here
+            raise ConfigError(f"--slurm_extra: {key!r} must be {' or '.join(dict.fromkeys(kinds.values()))}, got "
                               f"{value!r}")
     return extra
+
+
+def _json_kinds(annotation: Any) -> dict[type, str]:
+    """The JSON values a parameter of submitit's sbatch renderer takes, from its annotation (numbers as text)."""
+    kinds: dict[type, str] = {}
+    for arg in get_args(annotation) if get_origin(annotation) is Union else (annotation,):
+        origin = get_origin(arg) or arg
+        if origin in (list, collections.abc.Iterable):
+            kinds[list] = "a list"
+        elif origin is dict:
+            kinds[dict] = "an object"
+        elif arg is str:
+            kinds.update({str: "a string", int: "a string", float: "a string"})
+        elif arg in (int, bool):
+            kinds[arg] = "an integer" if arg is int else "a boolean"
+    return kinds
 
 
 def check_cluster(launcher: str) -> None:
@@ -190,13 +213,20 @@ class RunCommand(CommandFunction, Checkpointable):
         return {**self.__dict__, "_process": None}  # a process handle does not travel in a pickle
 
 
-def _exit_code(folder: Path, job_id: str) -> int | None:
-    """dol1.py's exit status from a finished job's result (None: no result, the job was cancelled or died)."""
-    result = JobPaths(folder, job_id).result_pickle
+def _result(folder: Path, job_id: str) -> tuple[str, Any, int] | None:
+    """(outcome, value, mtime in ns) of the result submitit's job process wrote (None: none yet, or unreadable)."""
+    path = JobPaths(folder, job_id).result_pickle
     try:
-        outcome, value = pickle_load(result)
+        mtime = path.stat().st_mtime_ns
+        outcome, value = pickle_load(path)
     except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError):
         return None
+    return outcome, value, mtime
+
+
+def _exit_code(folder: Path, job_id: str) -> int | None:
+    """dol1.py's exit status from a finished job's result (None: no result, the job was cancelled or died)."""
+    outcome, value, _ = _result(folder, job_id) or (None, None, 0)
     return value if outcome == "success" and isinstance(value, int) else None
 
 
@@ -225,8 +255,11 @@ def _descendants(pid: int) -> list[int]:
 
 def _squeue(name: str) -> list[tuple[str, str, str]]:
     """(job id, state, comment) of this user's queued and running SLURM jobs named ``name``."""
-    out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", f"--name={name}",
-                          "--format=%i|%T|%k"], capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", f"--name={name}",
+                              "--format=%i|%T|%k"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as err:  # an OSError like a failed squeue: the master looks again later
+        raise OSError(f"squeue did not answer within {err.timeout} s") from err
     if out.returncode != 0:
         raise OSError(f"squeue failed (exit {out.returncode}): {out.stderr.strip()}")
     return [tuple(line.split("|", 2)) for line in out.stdout.splitlines() if line.count("|") >= 2]
@@ -246,6 +279,9 @@ class SubmititLauncher:
     def __init__(self, launcher: str, root: Path, options: JobOptions, project_root: Path):
         self.cluster, self.root, self.options, self.project_root = CLUSTERS[launcher], root, options, project_root
         self._names: dict[str, str] = {}  # job id -> run id
+        # job id -> mtime of an earlier execution's result (interrupted, then requeued by SLURM), found in adopting it
+        self._stale: dict[str, int] = {}
+        self._queued: dict[str, tuple[float, bool]] = {}  # job id -> (when squeue was asked, whether it listed it)
 
     def start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path, name: str = "") -> Handle:
         token = env.get(ATTEMPT_ENV)
@@ -258,7 +294,20 @@ class SubmititLauncher:
         self._names[str(job.job_id)] = name
         return Handle(None, None, tuple(command), token=token, job_id=str(job.job_id), job=job)
 
+    def _still_queued(self, job_id: str) -> bool:
+        """Whether squeue still lists the job (asked at most every SQUEUE_EVERY_S; alive if squeue fails)."""
+        asked, listed = self._queued.get(job_id, (float("-inf"), True))
+        if time.monotonic() - asked >= SQUEUE_EVERY_S:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                listed = any(job[0] == job_id for job in _squeue(self._names.get(job_id, "")))
+            self._queued[job_id] = (time.monotonic(), listed)
+        return listed
+
     def _alive(self, handle: Handle, folder: Path) -> bool:
+        if handle.job_id in self._stale:  # SLURM requeued it after a preemption: its old result says nothing
+            if (_result(folder, handle.job_id) or (None, None, None))[2] == self._stale[handle.job_id]:
+                return self._still_queued(handle.job_id)
+            del self._stale[handle.job_id]  # it ran again and wrote a new result
         if handle.job is not None:
             return not handle.job.done()  # a local job: its controller process; SLURM: the job's state (sacct)
         if self.cluster == "local":  # adopted from an earlier master: is its controller still there?
@@ -315,12 +364,24 @@ class SubmititLauncher:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
+    def _queued_job(self, name: str) -> tuple[str | None, str]:
+        """(job id, comment) of the job named ``name`` that squeue lists and that may still run: not one whose
+        result is written (squeue shows a job COMPLETING for a while after its end), unless that result is an
+        interrupted run's (a preemption's SIGTERM), which SLURM may have requeued; (None, "") if none."""
+        for job_id, _, comment in _squeue(name):
+            result = _result(self.root / name, job_id)
+            if result is None:
+                return job_id, comment
+            if result[:2] == ("success", INTERRUPTED_EXIT):
+                self._stale[job_id] = result[2]
+                return job_id, comment
+        return None, ""
+
     def find(self, name: str, command: Sequence[str]) -> Handle | None:
         if self.cluster == "slurm":
-            jobs = _squeue(name)
-            if not jobs:
+            job_id, comment = self._queued_job(name)
+            if job_id is None:
                 return None
-            job_id, _, comment = jobs[0]
             token = comment if comment.startswith(f"{name}.") else None
         else:
             controllers = _local_controllers(self.root / name)
