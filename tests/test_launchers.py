@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,9 +68,28 @@ def test_spawned_workers_share_the_slot_thread_cap(monkeypatch, omp, n_workers, 
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
-    frame = SimpleNamespace(n_blocks=8, H={"n_workers": n_workers}, device=torch.device("cpu"))
-    plan = distributed_engine._plan(frame, None)
+    frame = SimpleNamespace(n_blocks=8, H={"n_workers": n_workers}, device=torch.device("cpu"), log=lambda _: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the automatic count's note: tested below
+        plan = distributed_engine._plan(frame, None)
     assert (plan.n, plan.threads) == expected
+
+
+def test_an_automatic_worker_count_held_down_by_omp_num_threads_says_so(monkeypatch):
+    """OMP_NUM_THREADS=1 (a common cluster default) makes n_workers 0 a single process: the report and a warning
+    say why and how to ask for more; without the cap nothing is said."""
+    monkeypatch.setattr(worker_pool, "available_cpus", lambda: 16)
+    logged = []
+    frame = SimpleNamespace(n_blocks=8, H={"n_workers": 0}, device=torch.device("cpu"), log=logged.append)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.warns(UserWarning, match=r"OMP_NUM_THREADS=1 below the 16 cores; give --n_workers N"):
+        assert distributed_engine._plan(frame, None).n == 1
+    assert len(logged) == 1 and "1 worker process(es)" in logged[0]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert distributed_engine._plan(frame, None).n == 8
+    assert len(logged) == 1
 
 
 def test_async_workers_share_the_slot_thread_cap_too(monkeypatch):

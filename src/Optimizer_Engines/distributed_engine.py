@@ -58,6 +58,7 @@ from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_h
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
+from src.Optimizer_Engines import worker_pool
 from src.Optimizer_Engines.worker_pool import (WorkerFailed, WorkerPool, engine_processes, loopback_only,
                                                thread_budget)
 
@@ -268,8 +269,16 @@ def _torchrun_failure(world_size: int) -> WorkerFailed | None:
 def _plan(frame: Disributed_frame, env: TorchrunEnv | None) -> WorkerPlan:
     if env is not None:
         return torchrun_plan(frame.n_blocks, env, frame.device)
-    return plan_workers(frame.n_blocks, frame.H["n_workers"], gpu_count(frame.device), thread_budget(),
+    plan = plan_workers(frame.n_blocks, frame.H["n_workers"], gpu_count(frame.device), thread_budget(),
                         first_gpu=frame.device.index or 0)
+    cores = worker_pool.available_cpus()
+    if frame.H["n_workers"] == 0 and not gpu_count(frame.device) and plan.n < min(frame.n_blocks, cores):
+        # automatic count held below the cores by OMP_NUM_THREADS (master.py's slot cap, or a cluster's habit of 1)
+        note = (f"n_workers 0 (automatic): {plan.n} worker process(es), capped by OMP_NUM_THREADS="
+                f"{os.environ.get('OMP_NUM_THREADS')} below the {cores} cores; give --n_workers N for more")
+        frame.log(note)
+        warnings.warn(note, stacklevel=2)
+    return plan
 
 
 def _start_group(frame: Disributed_frame, plan: WorkerPlan, own_group: bool, pool: WorkerPool | None) -> None:
