@@ -325,6 +325,29 @@ def test_a_run_that_another_master_finished_while_we_lost_its_lock_is_done_not_f
     assert scheduler.entry(run)["failures"] == 0
 
 
+class _LostTheLockRaceSqueueDown(_LostTheLockRace):
+    """The same race, and squeue fails whenever the master looks for a live job after the start."""
+
+    looks = 0
+
+    def find(self, name, command):
+        self.looks += 1
+        if self.looks > 2:  # start-up reconciliation and the look before the start succeed
+            raise OSError("squeue failed (exit 1): slurm_load_jobs error: Socket timed out on send/recv operation")
+        return None
+
+
+def test_a_failed_look_after_losing_the_lock_race_falls_back_on_the_lock(tmp_path):
+    """After exit 3 the master asks who runs the run now; when squeue fails it must not crash: the run's lock (a
+    local file) and its report still decide (here: finished elsewhere, so done, not failed)."""
+    run = sweep.Run("Rrace0002", {}, {}, [], {"rounds": 1}, tmp_path / "reports")
+    scheduler = sweep.Scheduler([run], [sweep.Slot("cpu", ())], tmp_path / "tracker.json",
+                                {"id": "S0", "grid": {}, "fixed": {}}, launcher=_LostTheLockRaceSqueueDown(run),
+                                max_attempts=1, poll_interval=0.01)
+    assert scheduler.run() == {"Rrace0002": "done"}
+    assert scheduler.entry(run)["failures"] == 0 and scheduler.launcher.looks >= 3
+
+
 def _job_result(tmp_path: Path, value, outcome: str = "success") -> Path:
     """The result pickle submitit's job process wrote for job 4242 of run Rabc00001."""
     from submitit.core.utils import JobPaths, cloudpickle_dump

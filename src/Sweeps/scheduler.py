@@ -154,8 +154,10 @@ class Scheduler:
         attempt's token in a process's environment, a queued or running job of that name) or command line, else the
         holder of the run's lock (a run started by hand claims it before its first write)."""
         found = self.launcher.find(run.run_id, self.command(run))
-        if found is not None:
-            return found
+        return found if found is not None else self._lock_holder(run)
+
+    def _lock_holder(self, run: Run) -> Handle | None:
+        """The process holding the run's lock, if any (a local check: no launcher involved)."""
         pid = lock_holder(run.reports_dir, run.run_id)
         if pid is not None and pid > 0:
             state = read_status(run.reports_dir, run.run_id) or {}
@@ -167,7 +169,10 @@ class Scheduler:
         run, handle, entry = active.run, active.handle, self.entry(active.run)
         code = handle.returncode
         if code == RUN_LOCKED:  # another process held the run: wait for it, or take its outcome if it ended
-            holder = self._live(run)
+            try:
+                holder = self._live(run)
+            except OSError:  # the launcher could not look (squeue failed): the run's lock still tells
+                holder = self._lock_holder(run)
             if holder is not None or self._report_status(run) in _DONE_ELSEWHERE:
                 self.active.remove(active)
                 if holder is not None:
