@@ -51,7 +51,8 @@ from src.Optimizer_Engines.async_transport import (AsyncPlan, header as _header,
                                                    send_tensors)
 from src.Optimizer_Engines.distributed_state import gather_states, to_cpu
 from src.Optimizer_Engines.loop import RoundBatches, count_step, sync, training_loop
-from src.Optimizer_Engines.worker_pool import WorkerPool, engine_processes, loopback_only
+from src.Optimizer_Engines.worker_pool import WorkerPool, loopback_only
+from src.Optimizer_Engines.worker_session import engine_processes
 from src.Optimizer_Engines.worker_plan import torchrun_env
 
 GO, STOP, CHECKPOINT = 1, -1, -2

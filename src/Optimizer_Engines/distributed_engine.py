@@ -59,8 +59,8 @@ from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, r
 from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
 from src.Optimizer_Engines import worker_pool
-from src.Optimizer_Engines.worker_pool import (WorkerFailed, WorkerPool, engine_processes, loopback_only,
-                                               thread_budget)
+from src.Optimizer_Engines.worker_pool import WorkerFailed, WorkerPool, loopback_only, thread_budget
+from src.Optimizer_Engines.worker_session import engine_processes
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
