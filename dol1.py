@@ -23,7 +23,7 @@ if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` fin
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from src.cli import ConfigError, key_comments, parse_arguments, settings_argv  # noqa: E402 - after the path fix above
-from src.Optimizer_Engines import declared_engines  # noqa: E402 - imports no engine, no torch
+from src.Optimizer_Engines import ENGINES  # noqa: E402 - names every engine, imports none (nor torch)
 
 DEFAULTS: dict[str, Any] = {
     # --- what to train ---
@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
 
 def _help_texts() -> dict[str, str]:
     texts = key_comments(Path(__file__).read_text())
-    engines = "; ".join(f"{name} ({summary.rstrip('.')})" for name, summary in declared_engines().items())
+    engines = "; ".join(f"{name} ({spec.summary})" for name, spec in sorted(ENGINES.items()))
     texts["training_mode"] = f"{texts['training_mode']}. Engines: {engines}"
     return texts
 
@@ -106,7 +106,7 @@ from src.Buliding_Units.StopperUnit import stoppers_from_settings  # noqa: E402
 from src.Buliding_Units.tensorboard_log import with_tensorboard  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
 from src.Optimizer_Engines.run_settings import validate  # noqa: E402
-from src.Optimizer_Engines.worker_plan import torchrun_rank  # noqa: E402
+from src.Optimizer_Engines.parallel.worker_plan import torchrun_rank  # noqa: E402
 from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import ATTEMPT_ENV, Paths, Reporter, format_progress  # noqa: E402
 

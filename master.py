@@ -56,7 +56,7 @@ if str(PROJECT_ROOT) not in sys.path:  # `import dol1` and `src` from any workin
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from src.cli import ConfigError, OneLineParser  # noqa: E402 - after the path fix above (imports no torch)
-from src.Optimizer_Engines.worker_pool import available_cpus  # noqa: E402 - imports no torch either
+from src.Optimizer_Engines.parallel.worker_pool import available_cpus  # noqa: E402 - imports no torch either
 from src.plots import X_AXES  # noqa: E402 - imports no torch (nor matplotlib) either
 
 _LIMITS = {"runs_per_gpu": (1, 1024), "cpu_slots": (1, 4096), "max_attempts": (1, 1000), "grace": (0, 86400),

@@ -82,7 +82,7 @@ def broadcast_rows(repeats: int = 50) -> list[tuple[float, float]]:
 
     import torch.distributed as dist
 
-    from src.Optimizer_Engines.worker_pool import free_port
+    from src.Optimizer_Engines.parallel.worker_pool import free_port
     port = free_port()
     peer = mp.get_context("spawn").Process(target=_broadcast_peer, args=(port, BROADCAST_MB, repeats),
                                            daemon=True)

@@ -6,9 +6,9 @@ Named on the command line as ``--training_mode tests.ddp_helpers.train_entire_fl
 """
 from __future__ import annotations
 
-from src.Optimizer_Engines import register_engine
+from src.Optimizer_Engines import engine_options
 from src.Optimizer_Engines.BCD_engine import train_entire
-from src.Optimizer_Engines.ddp_engine import ddp_worker
+from src.Optimizer_Engines.parallel.ddp_engine import ddp_worker
 
 
 def to_float64(frame):
@@ -23,7 +23,7 @@ def worker_float64(H):
     ddp_worker(H, prepare=to_float64)
 
 
-@register_engine("test_entire_float64", torchrun_worker=worker_float64)
+@engine_options(torchrun_worker=worker_float64)
 def train_entire_float64(frame, progress=None):
     """Entire training in float64 (data parallel under torchrun), for the tests."""
     return train_entire(to_float64(frame), progress)

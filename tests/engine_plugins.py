@@ -1,10 +1,10 @@
-"""Engines defined outside src/, for the engine-table tests: one plain function, one registered with the decorator.
+"""Engines defined outside src/, for the engine-table tests: one plain function, one with its options attached by the decorator.
 
 dol1.py puts the project root on sys.path, so ``--training_mode tests.engine_plugins.train_two_phase`` imports this.
 """
 from __future__ import annotations
 
-from src.Optimizer_Engines import register_engine
+from src.Optimizer_Engines import engine_options
 from src.Optimizer_Engines.BCD_engine import blockwise_round, entire_step
 from src.Optimizer_Engines.loop import training_loop
 
@@ -15,7 +15,7 @@ def train_plain(frame):
     return training_loop(frame, entire_step)
 
 
-@register_engine("test_block_sweeps", block_copies=True, block_updates=("jacobi", "gauss_seidel"))
+@engine_options(block_copies=True, block_updates=("jacobi", "gauss_seidel"))
 def train_two_sweeps(frame, progress=None):
     """Two block-wise passes per round (a decorated engine outside the package)."""
     def step(frame, round_index):
@@ -32,7 +32,7 @@ def takes_nothing():
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches  # noqa: E402
 
 
-@register_engine("readme_jacobi", block_copies=True)
+@engine_options(block_copies=True)
 def train_readme_jacobi(frame, progress=None):
     """The README's example engine: Jacobi rounds from the loop's helpers."""
     def step(frame, round_index):                         # one round; returns the deviation it measured

@@ -9,9 +9,9 @@ import torch
 
 import dol1
 from src.Buliding_Units.Model_frames import generate_ModelFrame
-from src.Optimizer_Engines import engine_table
-from src.Optimizer_Engines.async_book import StalenessBook, assign_blocks, check_speeds, staleness_limit
-from src.Optimizer_Engines.async_sim import Simulator
+from src.Optimizer_Engines import resolve_engine
+from src.Optimizer_Engines.parallel.async_book import StalenessBook, assign_blocks, check_speeds, staleness_limit
+from src.Optimizer_Engines.parallel.async_sim import Simulator
 
 TINY = ["--model", "mlp", "--config", "[16, 12, 8]", "--dataset_name", "digits_flat", "--batch_size", "32",
         "--measurement_sampling_rate", "0", "--cuda_core", "-1", "--report_sampling_rate", "2", "--rounds", "6",
@@ -29,7 +29,7 @@ def train(*argv, units=()):
     frame = frame_for(*argv, units=units)
     for unit in frame.schedule_units:
         unit.prepare(frame)
-    return engine_table()[frame.H["training_mode"]].function(frame)
+    return resolve_engine(frame.H["training_mode"]).function(frame)
 
 
 def assert_bit_identical(a, b):
@@ -104,7 +104,7 @@ def traced(frame):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Simulator, "_write", write)
         mp.setattr(StalenessBook, "on_write", on_write_tracking)
-        engine_table()["async_sequential"].function(frame)
+        resolve_engine("async_sequential").function(frame)
     return trace
 
 

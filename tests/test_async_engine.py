@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import dol1
-from src.Optimizer_Engines.async_book import staleness_limit
-from src.Optimizer_Engines.async_transport import make_plan
+from src.Optimizer_Engines.parallel.async_book import staleness_limit
+from src.Optimizer_Engines.parallel.async_transport import make_plan
 from src.reporting import read_report
 from test_async import BN_CNN, TINY, assert_bit_identical, frame_for, train
 from test_distributed import alive, ctrl_c, kill_worker, only_report, reaped, wait_for, worker_pids

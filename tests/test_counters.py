@@ -6,7 +6,7 @@ import torch
 import dol1
 from src.Buliding_Units.checkpoint import frame_state, restore
 from src.Buliding_Units.Model_frames import COUNTERS, generate_ModelFrame
-from src.Optimizer_Engines import engine_table
+from src.Optimizer_Engines import resolve_engine
 from src.Optimizer_Engines.loop import active_blocks, count_step
 from src.reporting import format_progress
 
@@ -22,7 +22,7 @@ def build(*argv):
 
 def train(*argv):
     frame = build(*argv)
-    return engine_table()[frame.H["training_mode"]].function(frame)
+    return resolve_engine(frame.H["training_mode"]).function(frame)
 
 
 def counters(frame):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import dol1
 from src.cli import ConfigError
-from src.Optimizer_Engines.ddp_engine import check_slurm_tasks, ddp_worker, shard, step_bytes
+from src.Optimizer_Engines.parallel.ddp_engine import check_slurm_tasks, ddp_worker, shard, step_bytes
 
 ROOT = Path(dol1.__file__).resolve().parent
 ARGS = ["--model", "mlp", "--config", "[16]", "--dataset_name", "digits_flat", "--rounds", "8",

@@ -22,7 +22,7 @@ import dol1
 from src.Buliding_Units.MeasurementUnit import MeasurementUnit
 from src.Buliding_Units.Model_frames import COUNTERS
 from src.Optimizer_Engines.loop import active_blocks
-from src.Optimizer_Engines.worker_plan import TorchrunEnv, plan_workers, torchrun_env
+from src.Optimizer_Engines.parallel.worker_plan import TorchrunEnv, plan_workers, torchrun_env
 from src.reporting import read_report
 
 pytestmark = pytest.mark.slow

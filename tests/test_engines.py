@@ -9,7 +9,7 @@ import dol1
 from src.Buliding_Units.Model_frames import (ImageClassifier_frame_blockwise, ImageClassifier_frame_entire,
                                              Regression_frame_blockwis, Regression_frame_entire, generate_ModelFrame)
 from src.Data import load_data
-from src.Optimizer_Engines import engine_table
+from src.Optimizer_Engines import resolve_engine
 from src.Optimizer_Engines.BCD_engine import train_blockwise_sequential, train_entire
 from src.Optimizer_Engines.loop import active_blocks, evaluate, local_steps
 
@@ -24,7 +24,7 @@ def H_for(*argv):
 def run(*argv, units=()):
     """Build the frame for TINY + argv and train it with the engine dol1 would pick."""
     frame = generate_ModelFrame(H_for(*argv), units=units)
-    return engine_table()[frame.H["training_mode"]].function(frame)
+    return resolve_engine(frame.H["training_mode"]).function(frame)
 
 
 def params(frame):

@@ -15,8 +15,8 @@ import torch
 
 import master
 from src import Sweeps as sweep
-from src.Optimizer_Engines import distributed_engine, worker_pool
-from src.Optimizer_Engines.worker_plan import plan_workers
+from src.Optimizer_Engines.parallel import distributed_engine, worker_pool
+from src.Optimizer_Engines.parallel.worker_plan import plan_workers
 from src.reporting import ATTEMPT_ENV, Reporter, read_report
 from src.Sweeps import launchers, slurm
 
@@ -94,7 +94,7 @@ def test_an_automatic_worker_count_held_down_by_omp_num_threads_says_so(monkeypa
 
 def test_async_workers_share_the_slot_thread_cap_too(monkeypatch):
     """8 slots x 4 async workers on 16 cores: 1 thread per worker (the slot's cap of 2 shared), not 16 // 4 each."""
-    from src.Optimizer_Engines import async_transport
+    from src.Optimizer_Engines.parallel import async_transport
     monkeypatch.setattr(worker_pool, "available_cpus", lambda: 16)
     monkeypatch.setattr(async_transport, "available_cpus", lambda: 16)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")

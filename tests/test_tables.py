@@ -1,5 +1,5 @@
 """Everything registered in a table is tested just by being registered: every engine trains and logs, every plugin
-constructs from its defaults and measures or checks once; engines plug in by decorator or by dotted path."""
+constructs from its defaults and measures or checks once; engines plug in by a line in the table or by dotted path."""
 import json
 import sys
 
@@ -10,7 +10,7 @@ import dol1
 from src.Buliding_Units.plugins import available_plugins
 from src.Buliding_Units.ScheduleUnit import ScheduleUnit
 from src.Buliding_Units.StopperUnit import StopperUnit
-from src.Optimizer_Engines import ENGINES, engine_table, register_engine, resolve_engine
+from src.Optimizer_Engines import ENGINES, EngineSpec, resolve_engine
 from src.Optimizer_Engines.BCD_engine import train_blockwise_sequential
 from src.reporting import read_report
 
@@ -25,7 +25,7 @@ def empty_units(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", sorted(engine_table()))
+@pytest.mark.parametrize("mode", sorted(ENGINES))
 def test_every_engine_trains_a_tiny_model_and_logs(tmp_path, mode):
     frame = dol1.main(TINY + ["--training_mode", mode, "--output_root", str(tmp_path),
                               "--units_file", empty_units(tmp_path)])
@@ -77,33 +77,32 @@ def test_decorated_engine_outside_the_package_keeps_its_spec(tmp_path):
                               "--output_root", str(tmp_path), "--units_file", empty_units(tmp_path)])
     assert frame.round == 4 and len(frame.distributed_models) == 3  # block_copies=True from the decorator
     assert frame.steps == 4 * 2 * 3  # two block-wise passes per round, 3 blocks, K = 1
-    assert "test_block_sweeps" in engine_table()
+    spec = resolve_engine("tests.engine_plugins.train_two_sweeps")
+    assert spec.block_copies and spec.block_updates == ("jacobi", "gauss_seidel")
 
 
-def test_decorated_module_in_the_package_appears_in_table_and_help(tmp_path, monkeypatch, capsys):
-    import src.Optimizer_Engines as package
-    (tmp_path / "my_test_engine.py").write_text(
-        "from src.Optimizer_Engines import register_engine\n"
+def test_a_line_in_the_table_is_an_engine_listed_by_help(tmp_path, monkeypatch, capsys):
+    """The README's recipe: one EngineSpec line in ENGINES; --help lists it without importing its module."""
+    module = tmp_path / "my_test_engine.py"
+    module.write_text(
         "from src.Optimizer_Engines.BCD_engine import entire_step\n"
         "from src.Optimizer_Engines.loop import training_loop\n\n\n"
-        "@register_engine('my_entire')\n"
         "def train_my_entire(frame, progress=None):\n"
-        "    \"\"\"Entire training, registered by a module dropped into the package.\"\"\"\n"
         "    return training_loop(frame, entire_step, progress)\n")
-    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ENGINES, "my_entire", EngineSpec("my_entire", "my_test_engine.train_my_entire",
+                                                         "entire training, from a line in the table"))
     try:
-        assert "my_entire" in engine_table()
         with pytest.raises(SystemExit) as exit_info:
             dol1.main(["--help"])
         assert exit_info.value.code == 0
-        assert "my_entire (Entire training, registered by a module dropped into the" in \
-            " ".join(capsys.readouterr().out.split())
+        assert "my_entire (entire training, from a line in the table)" in " ".join(capsys.readouterr().out.split())
+        assert "my_test_engine" not in sys.modules  # --help imported no engine
         frame = dol1.main(TINY + ["--training_mode", "my_entire", "--output_root", str(tmp_path),
                                   "--units_file", empty_units(tmp_path)])
         assert frame.steps == 4 and frame.H["training_mode"] == "my_entire"
     finally:
-        ENGINES.pop("my_entire", None)
-        sys.modules.pop("src.Optimizer_Engines.my_test_engine", None)
+        sys.modules.pop("my_test_engine", None)
 
 
 @pytest.mark.parametrize("mode, fragment", [
@@ -126,9 +125,15 @@ def test_bad_engines_exit_2_before_anything_is_written(tmp_path, capsys, mode, f
     assert not (tmp_path / "reports").exists()
 
 
-def test_register_engine_refuses_a_taken_name():
-    with pytest.raises(ValueError, match="taken by"):
-        register_engine("entire")(lambda frame: frame)
+def test_a_table_engine_named_by_its_dotted_path_is_the_table_engine():
+    spec = resolve_engine("src.Optimizer_Engines.BCD_engine.train_blockwise_sequential")
+    assert spec.name == "blockwise_sequential" and spec.block_copies and "gauss_seidel" in spec.block_updates
+
+
+def test_the_table_names_modules_that_exist_and_functions_that_take_a_frame():
+    for name, spec in ENGINES.items():
+        loaded = resolve_engine(name)
+        assert loaded.function.__name__ == spec.path.rpartition(".")[2] and loaded.summary
 
 
 def test_readme_engine_recipe_trains_like_the_sequential_jacobi_engine(tmp_path):

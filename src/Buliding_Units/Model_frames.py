@@ -29,7 +29,7 @@ from src.Buliding_Units.ScheduleUnit import ScheduleUnit
 from src.Buliding_Units.StopperUnit import StopperUnit
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
-from src.Optimizer_Engines import registered_engine
+from src.Optimizer_Engines import ENGINES
 from src.reporting import Paths, run_id
 from src.utils import set_seed
 
@@ -294,7 +294,7 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
     """
     H = dict(H)
     if block_copies is None:
-        spec = registered_engine(H["training_mode"])
+        spec = ENGINES.get(H["training_mode"])
         if spec is None:
             raise ConfigError(f"--training_mode {H['training_mode']!r} is not a registered engine: resolve it "
                               f"first (src.Optimizer_Engines.resolve_engine) or pass block_copies")

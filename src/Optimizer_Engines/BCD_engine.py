@@ -18,8 +18,7 @@ import time
 from typing import Callable
 
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
-from src.Optimizer_Engines import register_engine
-from src.Optimizer_Engines.ddp_engine import data_parallel_env, ddp_worker, train_data_parallel
+from src.Optimizer_Engines import ENGINES, load_path, torchrun_world
 from src.Optimizer_Engines.loop import (RoundBatches, active_blocks, count_step, local_steps, round_batches, sync,
                                         training_loop)
 
@@ -89,15 +88,14 @@ def entire_step(frame: Frame, round_index: int) -> float:
     return 0.0
 
 
-@register_engine("entire", torchrun_worker=ddp_worker)
 def train_entire(frame: Frame, progress: Callable[[int, int], None] | None = None) -> Frame:
-    """Vanilla training of the whole model: one round = one optimiser step (DistributedDataParallel under torchrun)."""
-    if data_parallel_env() is not None:  # torchrun with world size > 1: see ddp_engine.py
-        return train_data_parallel(frame, progress)
+    """Vanilla training of the whole model: one round = one optimiser step (data-parallel under torchrun with several
+    ranks: the engine table names that engine, ``ENGINES["entire"].torchrun_path``)."""
+    if torchrun_world() > 1:
+        return load_path(ENGINES["entire"].torchrun_path)(frame, progress)
     return training_loop(frame, entire_step, progress)
 
 
-@register_engine("blockwise_sequential", block_copies=True, block_updates=tuple(BLOCK_UPDATES))
 def train_blockwise_sequential(frame: Disributed_frame,
                                progress: Callable[[int, int], None] | None = None) -> Frame:
     """Block-wise training in one process: K local steps per active block per round (Jacobi or Gauss-Seidel)."""
@@ -106,3 +104,10 @@ def train_blockwise_sequential(frame: Disributed_frame,
     for replica in frame.distributed_models.values():
         replica.train()
     return training_loop(frame, blockwise_round, progress)
+
+
+def __getattr__(name: str):
+    """The seed's third loop, ``train_blockwise_distributed``, lives in the parallel wing; imported on first use."""
+    if name == "train_blockwise_distributed":
+        return ENGINES["blockwise"].load().function
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

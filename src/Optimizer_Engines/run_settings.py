@@ -15,10 +15,10 @@ from src.Buliding_Units.StopperUnit import stoppers_from_settings
 from src.Buliding_Units.tensorboard_log import check_tensorboard
 from src.cli import ConfigError
 from src.Data import DATASETS
-from src.Optimizer_Engines import EngineSpec, engine_table, resolve_engine
+from src.Optimizer_Engines import ENGINES, EngineSpec, resolve_engine
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES
-from src.Optimizer_Engines.ddp_engine import check_slurm_tasks
-from src.Optimizer_Engines.worker_plan import torchrun_env
+from src.Optimizer_Engines.parallel.ddp_engine import check_slurm_tasks
+from src.Optimizer_Engines.parallel.worker_plan import torchrun_env
 from src.plots import X_AXES
 
 _CHOICES = {
@@ -93,6 +93,6 @@ def _check_environment(H: dict[str, Any], spec: EngineSpec) -> None:
     _check(world == 1 or spec.torchrun_worker is not None,
            f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={world} it would run "
            f"{world} identical copies. Use a multi-process mode "
-           f"({sorted(n for n, s in engine_table().items() if s.torchrun_worker)}) or run without torchrun")
+           f"({sorted(n for n, s in ENGINES.items() if s.torchrun_worker)}) or run without torchrun")
     stoppers_from_settings(H)
     check_tensorboard(H)

@@ -34,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame, select_device
 from src.Buliding_Units.schedules import apply_changes
 from src.cli import ConfigError
-from src.Optimizer_Engines.distributed_state import broadcast_command, to_cpu
+from src.Optimizer_Engines.parallel.distributed_state import broadcast_command, to_cpu
 from src.Optimizer_Engines.loop import sync, training_loop
-from src.Optimizer_Engines.worker_plan import TorchrunEnv, WorkerPlan, gpu_count, torchrun_env, torchrun_plan
+from src.Optimizer_Engines.parallel.worker_plan import TorchrunEnv, WorkerPlan, gpu_count, torchrun_env, torchrun_plan
 
 STOP = -1  # the command that ends the other ranks' loop
 COLLECTIVE_TIMEOUT_S = 2 * 3600  # backstop only: ranks > 0 wait in a collective while rank 0 evaluates or measures

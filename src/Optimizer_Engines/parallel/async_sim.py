@@ -30,8 +30,7 @@ from typing import Any, Callable
 import torch
 
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
-from src.Optimizer_Engines import register_engine
-from src.Optimizer_Engines.async_book import StalenessBook, assign_blocks, check_speeds
+from src.Optimizer_Engines.parallel.async_book import StalenessBook, assign_blocks, check_speeds
 from src.Optimizer_Engines.loop import RoundBatches, count_step, local_steps, sync, training_loop
 
 
@@ -191,7 +190,6 @@ class Simulator:
         self.events = []
 
 
-@register_engine("async_sequential", block_copies=True, block_updates=("jacobi",), check=check_async)
 def train_async_sequential(frame: Disributed_frame, progress: Callable[[int, int], None] | None = None) -> Frame:
     """Asynchronous block updates simulated exactly in virtual time (one process; bound --max_staleness)."""
     if not isinstance(frame, Disributed_frame):

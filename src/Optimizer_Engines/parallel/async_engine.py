@@ -44,16 +44,15 @@ from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame
 from src.Buliding_Units.schedules import apply_changes
 from src.Buliding_Units.ScheduleUnit import KEYS
-from src.Optimizer_Engines import register_engine
-from src.Optimizer_Engines.async_book import StalenessBook
-from src.Optimizer_Engines.async_sim import async_summary, check_async, round_deviation, squared_deviation
-from src.Optimizer_Engines.async_transport import (AsyncPlan, header as _header, make_plan, prepare, recv_tensors,
+from src.Optimizer_Engines.parallel.async_book import StalenessBook
+from src.Optimizer_Engines.parallel.async_sim import async_summary, check_async, round_deviation, squared_deviation
+from src.Optimizer_Engines.parallel.async_transport import (AsyncPlan, header as _header, make_plan, prepare, recv_tensors,
                                                    send_tensors)
-from src.Optimizer_Engines.distributed_state import gather_states, to_cpu
+from src.Optimizer_Engines.parallel.distributed_state import gather_states, to_cpu
 from src.Optimizer_Engines.loop import RoundBatches, count_step, sync, training_loop
-from src.Optimizer_Engines.worker_pool import WorkerPool, loopback_only
-from src.Optimizer_Engines.worker_session import engine_processes
-from src.Optimizer_Engines.worker_plan import torchrun_env
+from src.Optimizer_Engines.parallel.worker_pool import WorkerPool, loopback_only
+from src.Optimizer_Engines.parallel.worker_session import engine_processes
+from src.Optimizer_Engines.parallel.worker_plan import torchrun_env
 
 GO, STOP, CHECKPOINT = 1, -1, -2
 FAIL_RANK_ENV, FAIL_ROUND_ENV = "BLOCKWISE_TEST_FAIL_RANK", "BLOCKWISE_TEST_FAIL_ROUND"
@@ -292,8 +291,6 @@ def _serve_run(frame: Disributed_frame, plan: AsyncPlan, progress: Callable[[int
     return server
 
 
-@register_engine("async", block_copies=True, block_updates=("jacobi",), torchrun_worker=torchrun_worker,
-                 check=check_async_engine)
 def train_async(frame: Disributed_frame, progress: Callable[[int, int], None] | None = None) -> Frame:
     """Asynchronous block updates for real: a server rank and one worker process per block or group (gloo)."""
     if not isinstance(frame, Disributed_frame):

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from src.Optimizer_Engines.worker_pool import available_cpus
+from src.Optimizer_Engines.parallel.worker_pool import available_cpus
 
 
 @dataclass(frozen=True)

@@ -51,16 +51,15 @@ from torch import nn
 
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, select_device
-from src.Optimizer_Engines import register_engine
 from src.Buliding_Units.schedules import apply_changes
-from src.Optimizer_Engines.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, broadcast_command,
+from src.Optimizer_Engines.parallel.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, broadcast_command,
                                                     gather_memory, gather_states, handoff)
 from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
-from src.Optimizer_Engines.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
+from src.Optimizer_Engines.parallel.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
-from src.Optimizer_Engines import worker_pool
-from src.Optimizer_Engines.worker_pool import WorkerFailed, WorkerPool, loopback_only, thread_budget
-from src.Optimizer_Engines.worker_session import engine_processes
+from src.Optimizer_Engines.parallel import worker_pool
+from src.Optimizer_Engines.parallel.worker_pool import WorkerFailed, WorkerPool, loopback_only, thread_budget
+from src.Optimizer_Engines.parallel.worker_session import engine_processes
 
 STOP = -1  # the round command that ends the workers' loop
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # backstop only: workers wait in a collective while rank 0 measures
@@ -340,7 +339,6 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
               f"{frame.timers['communication']:.2f} s")
 
 
-@register_engine("blockwise", block_copies=True, block_updates=("jacobi",), torchrun_worker=torchrun_worker)
 def train_blockwise_distributed(frame: Disributed_frame,
                                 progress: Callable[[int, int], None] | None = None) -> Frame:
     """One worker process per block (or group of blocks) on torch.distributed; the Jacobi algorithm.

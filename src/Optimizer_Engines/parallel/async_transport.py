@@ -9,9 +9,9 @@ import torch.distributed as dist
 
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
-from src.Optimizer_Engines.async_book import assign_blocks, check_speeds
-from src.Optimizer_Engines.distributed_state import apply_handoff, handoff
-from src.Optimizer_Engines.worker_pool import available_cpus, thread_budget
+from src.Optimizer_Engines.parallel.async_book import assign_blocks, check_speeds
+from src.Optimizer_Engines.parallel.distributed_state import apply_handoff, handoff
+from src.Optimizer_Engines.parallel.worker_pool import available_cpus, thread_budget
 
 
 @dataclass(frozen=True)

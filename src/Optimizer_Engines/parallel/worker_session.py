@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from src.Optimizer_Engines.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool
+from src.Optimizer_Engines.parallel.worker_pool import FAILURE_WAIT_S, WorkerFailed, WorkerPool
 
 
 @contextlib.contextmanager
