@@ -35,7 +35,7 @@ if not __package__:  # run as a script: make the repository root importable
 from src.Architectures.feedforward_nn import BlockSequential  # noqa: E402
 from src.Buliding_Units.hessian import (block_interaction_norms, block_sizes, block_spectral_norms,  # noqa: E402
                                         exact_hessian, make_batched_hvp)
-from src.Buliding_Units.hessian_spectrum import curvature_spectrum  # noqa: E402
+from src.Buliding_Units.hessian.spectrum import curvature_spectrum  # noqa: E402
 
 
 def digits_mlp(device: torch.device, width: int, depth: int, batch: int, train_steps: int, seed: int):

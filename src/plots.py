@@ -1,14 +1,11 @@
-"""Figures: training curves and block heat-maps (matplotlib, Agg backend, imported lazily).
-
-Plotting never alters the arrays it is given: a heat-map copies its matrix before any scaling, so the values a
-measurement unit logs are the values it measured. Ground floor: imports nothing of the project.
+"""Figures: the training curve of a run, and the matplotlib plumbing every figure shares (Agg backend, imported
+lazily). Ground floor: imports nothing of the project. Heat-maps live in the Hessian wing (``hessian/figures.py``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 
 def pyplot():
@@ -124,92 +121,6 @@ def _schedule_row(axes: Any, schedules: dict[str, tuple[list, list[float]]], xla
             ax.legend(fontsize="small")
 
 
-HEATMAP_SCALES = ("linear", "log", "coupling")
-OVER_COLOUR, MASKED_COLOUR = "red", "lightgrey"  # coupling above 1 (indefinite Hessian); masked diagonal / no value
-
-
-def heatmap_values(matrix: Any, scale: str = "linear", value_range: Sequence[float] | None = None,
-                   mask_diagonal: bool = False) -> tuple[np.ma.MaskedArray, float | None, float | None]:
-    """What a heat-map shows: a masked copy of ``matrix`` and the colour limits (vmin, vmax).
-
-    ``scale="coupling"``: the fixed range [0, 1] (values above 1 keep their value and are drawn in
-    ``OVER_COLOUR``); ``"log"``: ``value_range`` if given, else the positive finite values' range, with values
-    <= 0 masked; ``"linear"``: ``value_range`` or matplotlib's auto-range (None, None). Non-finite values, and the
-    diagonal when ``mask_diagonal``, are masked (drawn in ``MASKED_COLOUR``).
-    """
-    if scale not in HEATMAP_SCALES:
-        raise ValueError(f"unknown heat-map scale {scale!r}; valid: {list(HEATMAP_SCALES)}")
-    values = np.array(matrix, dtype=float, copy=True)
-    mask = ~np.isfinite(values)
-    if mask_diagonal:
-        mask |= np.eye(*values.shape, dtype=bool)
-    if scale == "coupling":
-        return np.ma.masked_array(values, mask), 0.0, 1.0
-    if scale == "log":
-        mask |= values <= 0
-        positive = values[~mask]
-        low, high = value_range if value_range is not None else \
-            (positive.min(), positive.max()) if positive.size else (None, None)
-        if low is not None and not low < high:  # one value: a decade around it, so LogNorm has a range
-            low, high = low / 10 ** 0.5, high * 10 ** 0.5
-        return np.ma.masked_array(values, mask), low, high
-    low, high = value_range if value_range is not None else (None, None)
-    return np.ma.masked_array(values, mask), low, high
-
-
-def draw_heatmap(matrix: Any, title: str = "", labels: Sequence[str] | None = None, colorbar_label: str = "",
-                 scale: str = "linear", value_range: Sequence[float] | None = None, mask_diagonal: bool = False,
-                 subtitle: str = "") -> Any:
-    """The heat-map figure of :func:`heatmap` (not saved); returns the matplotlib Figure."""
-    plt = pyplot()
-    from matplotlib.colors import LogNorm, Normalize  # lazy, with pyplot
-
-    shown, low, high = heatmap_values(matrix, scale, value_range, mask_diagonal)
-    n = shown.shape[0]
-    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
-    norm = LogNorm(vmin=low, vmax=high) if scale == "log" and low is not None else Normalize(vmin=low, vmax=high)
-    cmap = plt.get_cmap("viridis").with_extremes(bad=MASKED_COLOUR, over=OVER_COLOUR)
-    side = 1.2 + 0.55 * max(n, 5)
-    fig, ax = plt.subplots(figsize=(side + 2.2, side + 1.2), layout="constrained")
-    image = ax.imshow(shown, cmap=cmap, norm=norm)
-    ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("block j")
-    ax.set_ylabel("block i")
-    if n <= 12:
-        _annotate(ax, image, shown)
-    over = scale == "coupling" and bool((shown > 1).any())
-    fig.colorbar(image, ax=ax, label=colorbar_label + (f" ({OVER_COLOUR}: > 1)" if over else ""), fraction=0.046,
-                 pad=0.04, extend="max" if scale == "coupling" else "neither")
-    if title or subtitle:
-        ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize=9)
-    return fig
-
-
-def _annotate(ax: Any, image: Any, shown: np.ma.MaskedArray) -> None:
-    n = shown.shape[0]
-    for i in range(n):
-        for j in range(n):
-            if shown.mask is np.ma.nomask or not shown.mask[i, j]:
-                value = float(shown[i, j])
-                bright = value > image.norm.vmax or image.norm(value) > 0.6  # dark text on a bright cell
-                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8, color="k" if bright else "w")
-
-
-def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str] | None = None,
-            colorbar_label: str = "", log_scale: bool = False, *, scale: str | None = None,
-            value_range: Sequence[float] | None = None, mask_diagonal: bool = False,
-            subtitle: str = "") -> list[Path]:
-    """A labelled B×B heat-map with a colour bar, written as PDF and PNG. The input is copied, never modified.
-
-    ``scale`` is "linear", "log" or "coupling" (see :func:`heatmap_values`); ``log_scale=True`` is ``scale="log"``.
-    """
-    plt = pyplot()
-    fig = draw_heatmap(matrix, title, labels, colorbar_label, scale or ("log" if log_scale else "linear"),
-                       value_range, mask_diagonal, subtitle)
-    return _save(fig, plt, path)
-
-
 def save_figure(fig: Any, path: str | Path) -> list[Path]:
     """Write ``fig`` as ``path`` .pdf and .png and close it; returns the files written."""
     return _save(fig, pyplot(), path)
@@ -225,17 +136,3 @@ def _save(fig: Any, plt: Any, path: str | Path) -> list[Path]:
         written.append(target)
     plt.close(fig)
     return written
-
-
-def staleness_histogram(histogram: Sequence[int], path: str | Path, title: str = "") -> list[Path]:
-    """Bars of how many updates saw each staleness (other updates applied between read and write)."""
-    plt = pyplot()
-    counts = np.asarray(histogram, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
-    ax.bar(np.arange(len(counts)), counts, color="tab:blue")
-    ax.set_xlabel("staleness (updates by other workers between an update's read and its write)")
-    ax.set_ylabel("updates")
-    ax.grid(alpha=0.3, axis="y")
-    if title:
-        ax.set_title(title, fontsize=10)
-    return _save(fig, plt, path)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from src.Buliding_Units.hessian_krylov import krylov_block_norms
+from src.Buliding_Units.hessian.krylov import krylov_block_norms
 from src.Buliding_Units.hessian import (InteractionInfo, block_interaction_norms, block_sizes, block_spectral_norms,
                                         exact_hessian, finite_difference_hessian, make_batched_hvp,
                                         normalised_coupling, plan_method)

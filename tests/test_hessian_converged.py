@@ -11,7 +11,7 @@ from torch import nn
 from src.Architectures.Models import build_model
 from src.Buliding_Units.hessian import (block_interaction_norms, block_sizes, block_spectral_norms, exact_hessian,
                                         plan_method)
-from src.Buliding_Units.hessian_krylov import krylov_block_norms
+from src.Buliding_Units.hessian.krylov import krylov_block_norms
 from src.Data import load_data
 from hessian_helpers import F64, one_thread  # noqa: F401 - one_thread: autouse fixture
 

@@ -5,7 +5,7 @@ from torch import nn
 from torch.func import functional_call
 
 from src.Buliding_Units.hessian import block_sizes, exact_hessian
-from src.Buliding_Units.hessian_spectrum import curvature_spectrum, spectrum_from_hvp
+from src.Buliding_Units.hessian.spectrum import curvature_spectrum, spectrum_from_hvp
 from hessian_helpers import F64, Sequential, one_thread  # noqa: F401 - one_thread: autouse fixture
 
 

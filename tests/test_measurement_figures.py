@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import dol1
-from src.Buliding_Units import MeasurementUnit as units_module
-from src.Buliding_Units import hessian_figures as hfig
+from src.Buliding_Units.hessian import units as units_module
+from src.Buliding_Units.hessian import figures as hfig
 from src.Buliding_Units.MeasurementUnit import HessianBlockInteractionMeasurement
-from src.plots import OVER_COLOUR, draw_heatmap, heatmap_values, pyplot
+from src.Buliding_Units.hessian.figures import OVER_COLOUR, draw_heatmap, heatmap_values
+from src.plots import pyplot
 
 TINY = ["--model", "mlp", "--config", "[6, 5]", "--dataset_name", "digits_flat", "--rounds", "4", "--batch_size", "32",
         "--report_sampling_rate", "2", "--cuda_core", "-1", "--eval_samples", "128",

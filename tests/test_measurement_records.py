@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dol1
-from src.Buliding_Units import MeasurementUnit as units_module
+from src.Buliding_Units.hessian import units as units_module
 
 TINY = ["--model", "mlp", "--config", "[6, 5]", "--dataset_name", "digits_flat", "--rounds", "2", "--batch_size", "32",
         "--report_sampling_rate", "1", "--cuda_core", "-1", "--eval_samples", "128",

@@ -114,7 +114,7 @@ def test_interaction_unit_end_to_end_matches_exact(tmp_path):
 
 
 def test_logged_matrix_is_not_altered_by_plotting(tmp_path):
-    from src.plots import heatmap
+    from src.Buliding_Units.hessian.figures import heatmap
     m = torch.rand(4, 4, dtype=torch.float64).numpy()
     keep = m.copy()
     heatmap(m, tmp_path / "h", labels=list("abcd"), log_scale=True)

@@ -28,8 +28,8 @@ PLUGIN_BASES: tuple[type, ...] = (measurement_module.MeasurementUnit, stopper_mo
 DEFAULT_UNITS_FILE = PROJECT_ROOT / "measurements" / "Units.txt"
 
 
-def available_plugins() -> dict[str, type]:
-    """Every concrete plugin class defined in the plugin modules of this package, by class name."""
+def core_plugins() -> dict[str, type]:
+    """The concrete plugin classes defined in the core plugin modules, by class name (no wing is imported)."""
     found = {}
     for module in (measurement_module, stopper_module, schedule_module):
         for name, cls in vars(module).items():
@@ -37,6 +37,17 @@ def available_plugins() -> dict[str, type]:
                     and cls.__module__ == module.__name__:
                 found[name] = cls
     return found
+
+
+def plugin_names() -> list[str]:
+    """Every plugin known by its class name: the core's and the wings' (``MeasurementUnit.WING_UNITS``), importing
+    no wing."""
+    return sorted({*core_plugins(), *measurement_module.WING_UNITS})
+
+
+def available_plugins() -> dict[str, type]:
+    """Every plugin class known by its class name, the wings' imported."""
+    return {name: resolve_plugin(name) for name in plugin_names()}
 
 
 def _literal(text: str) -> Any:
@@ -57,7 +68,6 @@ def resolve_plugin(name: str, where: str = "Units.txt", plugins: dict[str, type]
     Raises:
         ConfigError: unknown name (with a did-you-mean and the available names), an import that fails.
     """
-    plugins = available_plugins() if plugins is None else plugins
     if "." in name:
         module_name, _, cls_name = name.rpartition(".")
         try:
@@ -68,9 +78,12 @@ def resolve_plugin(name: str, where: str = "Units.txt", plugins: dict[str, type]
             raise ConfigError(f"{where}: {name!r} is not a plugin: a plugin is a concrete subclass of "
                               f"{sorted(base.__name__ for base in PLUGIN_BASES)}")
         return found
+    if name in measurement_module.WING_UNITS:
+        return getattr(measurement_module, name)  # imports its wing
+    plugins = core_plugins() if plugins is None else plugins
     if name not in plugins:
-        raise ConfigError(f"{where}: unknown plugin {name!r}.{_did_you_mean(name, list(plugins))} "
-                          f"Available: {sorted(plugins)}")
+        names = plugin_names()
+        raise ConfigError(f"{where}: unknown plugin {name!r}.{_did_you_mean(name, names)} Available: {names}")
     return plugins[name]
 
 
@@ -136,7 +149,7 @@ def parse_units(text: str, source: str) -> list[Any]:
     Raises:
         ConfigError: as :func:`parse_measurement_units`.
     """
-    plugins = available_plugins()
+    plugins = core_plugins()
     units, measured_at = [], {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()

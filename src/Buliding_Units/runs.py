@@ -22,7 +22,7 @@ from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame
 from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text
 from src.cli import ConfigError, check_value
 from src.records import differing_keys, identity
-from src.plots import staleness_histogram, training_curve
+from src.plots import training_curve
 from src.reporting import Paths, read_metrics, read_status, write_json_atomic, write_status
 
 RESUME_MODES = ("no", "yes", "auto")  # or a run id R<hash>
@@ -321,13 +321,3 @@ def draw_training_curve(frame: Frame) -> None:
         return
     frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
               "(engines log through training_loop or log_progress)")
-    last = frame.history[-1] if frame.history else {}
-    if "staleness_histogram" in last:  # an asynchronous engine
-        figure = frame.paths.figures / f"staleness_{frame.run_id}"
-        bound = "unbounded" if last["max_staleness"] < 0 else f"max_staleness {last['max_staleness']}"
-        try:
-            staleness_histogram(last["staleness_histogram"], figure, title=f"{frame.run_id}: {frame.H['training_mode']}"
-                                f", {bound}, {sum(last['staleness_histogram'])} updates")
-            frame.log(f"Staleness histogram: {figure}.pdf")
-        except OSError as err:
-            frame.log(f"Warning: the staleness histogram could not be written to {figure}.pdf: {err}")

@@ -45,7 +45,8 @@ from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_Mo
 from src.Buliding_Units.schedules import apply_changes
 from src.Buliding_Units.ScheduleUnit import KEYS
 from src.Optimizer_Engines.parallel.async_book import StalenessBook
-from src.Optimizer_Engines.parallel.async_sim import async_summary, check_async, round_deviation, squared_deviation
+from src.Optimizer_Engines.parallel.async_sim import (async_summary, check_async, draw_staleness, round_deviation,
+                                                     squared_deviation)
 from src.Optimizer_Engines.parallel.async_transport import (AsyncPlan, header as _header, make_plan, prepare, recv_tensors,
                                                    send_tensors)
 from src.Optimizer_Engines.parallel.distributed_state import gather_states, to_cpu
@@ -311,6 +312,7 @@ def train_async(frame: Disributed_frame, progress: Callable[[int, int], None] | 
         server.stop()
         if pool is not None:
             pool.join()
+        draw_staleness(frame)
         frame.log(async_summary(server.book, frame.n_blocks) + f"; compute s per worker "
                   f"{[round(c, 2) for c in server.compute]}, waiting s {[round(w, 2) for w in server.wait]}")
     return frame

@@ -25,12 +25,15 @@ import math
 import random
 import time
 from fractions import Fraction
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines.parallel.async_book import StalenessBook, assign_blocks, check_speeds
+from src.plots import pyplot, save_figure
 from src.Optimizer_Engines.loop import RoundBatches, count_step, local_steps, sync, training_loop
 
 
@@ -204,6 +207,7 @@ def train_async_sequential(frame: Disributed_frame, progress: Callable[[int, int
     finally:
         frame.engine_state = None
     simulator.finish()
+    draw_staleness(frame)
     frame.log(async_summary(simulator.book, frame.n_blocks) + f"; virtual time {float(simulator.clock):.4g} s "
               f"(step_time {simulator.step_time:.3g} s)")
     return frame
@@ -216,3 +220,33 @@ def async_summary(book: StalenessBook, n_blocks: int) -> str:
     return (f"Asynchronous updates ({bound}, {book.n} workers): updates per block {record['updates_per_block']}, "
             f"staleness mean {record['staleness_mean']:.3g} max {record['staleness_max']}, "
             f"histogram {record['staleness_histogram']}, {book.dropped} dropped at the end")
+
+
+def staleness_histogram(histogram: Sequence[int], path: str | Path, title: str = "") -> list[Path]:
+    """Bars of how many updates saw each staleness (other updates applied between read and write)."""
+    plt = pyplot()
+    counts = np.asarray(histogram, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
+    ax.bar(np.arange(len(counts)), counts, color="tab:blue")
+    ax.set_xlabel("staleness (updates by other workers between an update's read and its write)")
+    ax.set_ylabel("updates")
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def draw_staleness(frame: Frame) -> None:
+    """The run's staleness histogram, ``figures/staleness_<run id>.{pdf,png}``; a figure that cannot be written is a
+    warning in the report."""
+    last = frame.history[-1] if frame.history else {}
+    if "staleness_histogram" not in last:
+        return
+    figure = frame.paths.figures / f"staleness_{frame.run_id}"
+    bound = "unbounded" if last["max_staleness"] < 0 else f"max_staleness {last['max_staleness']}"
+    try:
+        staleness_histogram(last["staleness_histogram"], figure, title=f"{frame.run_id}: {frame.H['training_mode']}"
+                            f", {bound}, {sum(last['staleness_histogram'])} updates")
+        frame.log(f"Staleness histogram: {figure}.pdf")
+    except OSError as err:
+        frame.log(f"Warning: the staleness histogram could not be written to {figure}.pdf: {err}")

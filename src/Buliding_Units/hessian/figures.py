@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from src.plots import pyplot, save_figure
 
 TOP_PAIRS = 3  # pairs drawn in the coupling-over-training figure and logged with each measurement
@@ -146,3 +148,89 @@ def _second_axis(ax: Any, data: dict[str, Any], x_index: int) -> None:
     twin.set_ylabel("training loss, deviation")
     if drawn:
         twin.legend(handles=drawn, fontsize="small", loc="upper right")
+
+
+HEATMAP_SCALES = ("linear", "log", "coupling")
+OVER_COLOUR, MASKED_COLOUR = "red", "lightgrey"  # coupling above 1 (indefinite Hessian); masked diagonal / no value
+
+
+def heatmap_values(matrix: Any, scale: str = "linear", value_range: Sequence[float] | None = None,
+                   mask_diagonal: bool = False) -> tuple[np.ma.MaskedArray, float | None, float | None]:
+    """What a heat-map shows: a masked copy of ``matrix`` and the colour limits (vmin, vmax).
+
+    ``scale="coupling"``: the fixed range [0, 1] (values above 1 keep their value and are drawn in
+    ``OVER_COLOUR``); ``"log"``: ``value_range`` if given, else the positive finite values' range, with values
+    <= 0 masked; ``"linear"``: ``value_range`` or matplotlib's auto-range (None, None). Non-finite values, and the
+    diagonal when ``mask_diagonal``, are masked (drawn in ``MASKED_COLOUR``).
+    """
+    if scale not in HEATMAP_SCALES:
+        raise ValueError(f"unknown heat-map scale {scale!r}; valid: {list(HEATMAP_SCALES)}")
+    values = np.array(matrix, dtype=float, copy=True)
+    mask = ~np.isfinite(values)
+    if mask_diagonal:
+        mask |= np.eye(*values.shape, dtype=bool)
+    if scale == "coupling":
+        return np.ma.masked_array(values, mask), 0.0, 1.0
+    if scale == "log":
+        mask |= values <= 0
+        positive = values[~mask]
+        low, high = value_range if value_range is not None else \
+            (positive.min(), positive.max()) if positive.size else (None, None)
+        if low is not None and not low < high:  # one value: a decade around it, so LogNorm has a range
+            low, high = low / 10 ** 0.5, high * 10 ** 0.5
+        return np.ma.masked_array(values, mask), low, high
+    low, high = value_range if value_range is not None else (None, None)
+    return np.ma.masked_array(values, mask), low, high
+
+
+def draw_heatmap(matrix: Any, title: str = "", labels: Sequence[str] | None = None, colorbar_label: str = "",
+                 scale: str = "linear", value_range: Sequence[float] | None = None, mask_diagonal: bool = False,
+                 subtitle: str = "") -> Any:
+    """The heat-map figure of :func:`heatmap` (not saved); returns the matplotlib Figure."""
+    plt = pyplot()
+    from matplotlib.colors import LogNorm, Normalize  # lazy, with pyplot
+
+    shown, low, high = heatmap_values(matrix, scale, value_range, mask_diagonal)
+    n = shown.shape[0]
+    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+    norm = LogNorm(vmin=low, vmax=high) if scale == "log" and low is not None else Normalize(vmin=low, vmax=high)
+    cmap = plt.get_cmap("viridis").with_extremes(bad=MASKED_COLOUR, over=OVER_COLOUR)
+    side = 1.2 + 0.55 * max(n, 5)
+    fig, ax = plt.subplots(figsize=(side + 2.2, side + 1.2), layout="constrained")
+    image = ax.imshow(shown, cmap=cmap, norm=norm)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("block j")
+    ax.set_ylabel("block i")
+    if n <= 12:
+        _annotate(ax, image, shown)
+    over = scale == "coupling" and bool((shown > 1).any())
+    fig.colorbar(image, ax=ax, label=colorbar_label + (f" ({OVER_COLOUR}: > 1)" if over else ""), fraction=0.046,
+                 pad=0.04, extend="max" if scale == "coupling" else "neither")
+    if title or subtitle:
+        ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize=9)
+    return fig
+
+
+def _annotate(ax: Any, image: Any, shown: np.ma.MaskedArray) -> None:
+    n = shown.shape[0]
+    for i in range(n):
+        for j in range(n):
+            if shown.mask is np.ma.nomask or not shown.mask[i, j]:
+                value = float(shown[i, j])
+                bright = value > image.norm.vmax or image.norm(value) > 0.6  # dark text on a bright cell
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8, color="k" if bright else "w")
+
+
+def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str] | None = None,
+            colorbar_label: str = "", log_scale: bool = False, *, scale: str | None = None,
+            value_range: Sequence[float] | None = None, mask_diagonal: bool = False,
+            subtitle: str = "") -> list[Path]:
+    """A labelled B×B heat-map with a colour bar, written as PDF and PNG. The input is copied, never modified.
+
+    ``scale`` is "linear", "log" or "coupling" (see :func:`heatmap_values`); ``log_scale=True`` is ``scale="log"``.
+    """
+    plt = pyplot()
+    fig = draw_heatmap(matrix, title, labels, colorbar_label, scale or ("log" if log_scale else "linear"),
+                       value_range, mask_diagonal, subtitle)
+    return save_figure(fig, path)

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .hessian_pools import Rows, cgs2, padded, symmetric_ritz
-from .hessian_products import CURVATURES, make_batched_hvp
+from .pools import Rows, cgs2, padded, symmetric_ritz
+from .products import CURVATURES, make_batched_hvp
 
 _MIN_STEPS = 3  # rounds before an operator may stop on its residual test
 _BLOCK_WIDTH = 2  # block Lanczos width per diagonal block

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .hessian_krylov import TYPICAL_STEPS, krylov_block_norms, krylov_hvp_cost
-from .hessian_products import CURVATURES, BatchedHVP, FlatLoss, check_deterministic, make_batched_hvp  # noqa: F401
+from .krylov import TYPICAL_STEPS, krylov_block_norms, krylov_hvp_cost
+from .products import CURVATURES, BatchedHVP, FlatLoss, check_deterministic, make_batched_hvp  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

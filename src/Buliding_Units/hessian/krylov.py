@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .hessian_pools import Pools, Rows, cgs2, padded, singular_ritz, symmetric_ritz
+from .pools import Pools, Rows, cgs2, padded, singular_ritz, symmetric_ritz
 
 TYPICAL_STEPS = 8  # Krylov rounds the planner expects per entry at the default tolerance
 _MIN_STEPS = 3  # rounds before an entry may stop on its residual test (no stop on a lucky first Ritz value)
