@@ -4,15 +4,19 @@
     python dol1.py --training_mode entire --rounds 500
     python dol1.py --training_mode blockwise --model cnn_ensemble --config "[[16,16],[32,32],[32,64]]" --rounds 50
 
-Writes ``reports/R<hash>.txt`` (header + progress lines), ``reports/R<hash>.metrics.jsonl`` (one JSON record per
-progress check), ``figures/training_curve_R<hash>.{pdf,png}`` and whatever the units in ``measurements/Units.txt``
-write; checkpoints under ``checkpoints/R<hash>/`` and the model as ``reports/R<hash>.model.pt``. Exit status: 0 finished
-or stopped by a stopper, 1 failed, 2 bad input (nothing written), 3 the same run is already running, 130 interrupted.
+The path of a run: ``main`` → ``resolve_config`` (flags, checks) → ``open_run`` (claim the run id, build the frame,
+open the report) → ``train`` (the engine, then the curve and the model). Writes ``reports/R<hash>.txt`` (header +
+progress lines), ``reports/R<hash>.metrics.jsonl`` (one JSON record per progress check),
+``figures/training_curve_R<hash>.{pdf,png}`` and whatever the units in ``measurements/Units.txt`` write; checkpoints
+under ``checkpoints/R<hash>/`` and the model as ``reports/R<hash>.model.pt``. Exit status: 0 finished or stopped by a
+stopper, 1 failed, 2 bad input (nothing written), 3 the same run is already running, 130 interrupted.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -93,27 +97,99 @@ if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction 
     precheck(sys.argv[1:])
 
 # everything below imports torch
-from src.utils import deterministic_kept, set_deterministic  # noqa: E402
-from src.Buliding_Units.checkpoint import restore  # noqa: E402
-from src.Buliding_Units.measurement_schedule import measuring  # noqa: E402
-from src.Buliding_Units.Model_frames import Frame, device_note, generate_ModelFrame  # noqa: E402
-from src.Buliding_Units.plugins import parse_units  # noqa: E402
+from src.Architectures.Models import MODELS  # noqa: E402
+from src.Buliding_Units.measurement_schedule import measuring, parse_measurement_rounds  # noqa: E402
+from src.Buliding_Units.Model_frames import (OPTIMIZERS, Frame, RunContext, device_note,  # noqa: E402
+                                             generate_ModelFrame)
+from src.Buliding_Units.plugins import DEFAULT_UNITS_FILE, parse_units, read_units_text  # noqa: E402
 from src.Buliding_Units.schedules import check_schedules  # noqa: E402
-from src.Buliding_Units.runs import (RunFiles, check_writable, find_resume,  # noqa: E402
-                                     draw_training_curve, measure_saved_model, read_config, recover_dead_holder,
-                                     load_run, resume_notes, save_model, settings_defaults, units_text, write_config)
 from src.Buliding_Units.StopperUnit import stoppers_from_settings  # noqa: E402
-from src.Buliding_Units.tensorboard_log import with_tensorboard  # noqa: E402
-from src.Optimizer_Engines import EngineSpec, resolve_engine  # noqa: E402
-from src.Optimizer_Engines.run_settings import validate  # noqa: E402
-from src.Optimizer_Engines.parallel.worker_plan import torchrun_rank  # noqa: E402
-from src.records import RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
-from src.reporting import ATTEMPT_ENV, Paths, Reporter, format_progress  # noqa: E402
+from src.Data import DATASETS  # noqa: E402
+from src.Optimizer_Engines import EngineSpec, resolve_engine, torchrun_world  # noqa: E402
+from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.plots import X_AXES, training_curve  # noqa: E402
+from src.records import RESUME_MODES, RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
+from src.reporting import (ATTEMPT_ENV, Paths, Reporter, format_progress, recover_dead_holder,  # noqa: E402
+                           write_config)
+from src.utils import deterministic_kept, set_deterministic  # noqa: E402
+
+import torch  # noqa: E402 - after the project's imports, which import it anyway
+
+CHOICES = {"block_update": tuple(BLOCK_UPDATES), "voting_method": ("average", "random"), "model": tuple(MODELS),
+           "dataset_name": tuple(DATASETS), "optimizer": tuple(OPTIMIZERS), "plot_x": tuple(X_AXES)}
+AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
+            "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0, "checkpoint_every": 0,
+            "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0}
+RANGES = {"step_size": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "active_share": (lambda v: 0 < v <= 1, "in (0, 1]"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"),
+          "communication_delay": (lambda v: v <= 3600, "seconds per round, at most 3600")}
+
+
+def validate(H: dict[str, Any]) -> EngineSpec:
+    """Check names and ranges without building anything; returns the engine of ``H['training_mode']``.
+
+    Raises:
+        ConfigError: naming the bad value and the valid ones.
+    """
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+    for key, value in H.items():
+        check(not isinstance(value, float) or math.isfinite(value),
+              f"--{key} {value!r} is not a finite number (NaN and infinities are refused)")
+    spec = resolve_engine(H["training_mode"])
+    for key, valid in CHOICES.items():
+        check(H[key] in valid, f"--{key} {H[key]!r} is not valid; valid: {sorted(valid)}")
+    for key, low in AT_LEAST.items():
+        check(H[key] >= low, f"--{key} must be >= {low}, got {H[key]}")
+    for key, (ok, text) in RANGES.items():
+        check(ok(H[key]), f"--{key} must be {text}, got {H[key]}")
+    check(isinstance(H["config"], list) and len(H["config"]) > 0,
+          f"--config must be a non-empty list such as [8, 8] or [[16, 16], [32, 32]], got {H['config']!r}")
+    check(H["target_value"] is None or isinstance(H["target_value"], (int, float))
+          and not isinstance(H["target_value"], bool), f"--target_value must be a number or None, got "
+                                                        f"{H['target_value']!r}")
+    check(H["target_value"] is None or not H["target_monitor"].endswith("accuracy") or 0 <= H["target_value"] <= 1,
+          f"--target_value {H['target_value']} for the accuracy monitor --target_monitor {H['target_monitor']} "
+          f"must be in [0, 1]")
+    check(H["cuda_core"] >= -1, f"--cuda_core must be a GPU index >= 0, or -1 for the CPU; got {H['cuda_core']}")
+    check(isinstance(H["worker_speeds"], list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in H["worker_speeds"]),
+        f"--worker_speeds must be a list of numbers > 0 (relative time per local step, one per worker), got "
+        f"{H['worker_speeds']!r}")
+    check(not spec.block_updates or H["block_update"] in spec.block_updates,
+          f"--block_update {H['block_update']} cannot run in --training_mode {spec.name}; valid block updates "
+          f"for {spec.name}: {list(spec.block_updates)} (gauss_seidel updates one block after another: use "
+          f"--training_mode blockwise_sequential)")
+    try:
+        parse_measurement_rounds(H["measurement_rounds"], H["rounds"])
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from err
+    check(H["resume"] in RESUME_MODES or re.fullmatch(r"R[0-9a-f]{8}", H["resume"]) is not None,
+          f"--resume {H['resume']!r} is not valid; valid: {list(RESUME_MODES)} or a run id such as R1a2b3c4d")
+    check(not H["tensorboard"] or importlib.util.find_spec("tensorboard") is not None,
+          "--tensorboard true needs the tensorboard package, which is not installed: python -m pip install "
+          "tensorboard (pinned in requirements.txt), or run with --tensorboard false")
+    check(torchrun_world() == 1 or spec.torchrun_worker is not None,
+          f"--training_mode {spec.name} runs in one process; under torchrun with WORLD_SIZE={torchrun_world()} it "
+          f"would run {torchrun_world()} identical copies. Use a multi-process mode "
+          f"({sorted(n for n, s in ENGINES.items() if s.torchrun_worker)}) or run without torchrun")
+    if any(k.startswith("SLURM_") for k in os.environ):  # srun with several tasks but no torchrun: refused
+        from src.Optimizer_Engines.parallel.ddp_engine import check_slurm_tasks
+        check_slurm_tasks()
+    stoppers_from_settings(H)
+    return spec
+
 
 def resolve_config(argv: Sequence[str] | None = None, raise_errors: bool = False) -> dict[str, Any]:
     """Parse and validate ``argv``: ConfigError for bad values (argparse exits 2 unless ``raise_errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    H = parse_arguments(settings_defaults(argv, DEFAULTS), argv, help_texts=_help_texts(), prog="dol1.py",
+    defaults = DEFAULTS
+    if any(a.startswith("--settings_file") for a in argv):
+        from src.Runs.resume import settings_defaults  # an earlier run's recorded settings (run-records wing)
+        defaults = settings_defaults(argv, DEFAULTS)
+    H = parse_arguments(defaults, argv, help_texts=_help_texts(), prog="dol1.py",
                         description=__doc__.split("\n\n")[0], bare={"resume": "yes"}, raise_errors=raise_errors)
     if isinstance(H["target_value"], int) and not isinstance(H["target_value"], bool):
         H["target_value"] = float(H["target_value"])  # 1 and 1.0 are one experiment (and one run id)
@@ -121,9 +197,44 @@ def resolve_config(argv: Sequence[str] | None = None, raise_errors: bool = False
     return H
 
 
+def units_text(H: dict[str, Any]) -> tuple[str, str]:
+    """The text of the run's units file and where it comes from: the recorded text of ``--settings_file`` (unless
+    ``--units_file`` names another file), else the units file."""
+    if H["settings_file"]:
+        from src.Runs.resume import recorded_units
+        if (recorded := recorded_units(H)) is not None:
+            return recorded
+    path = H["units_file"] or DEFAULT_UNITS_FILE
+    return read_units_text(path), str(path)
+
+
 def run_identity(H: dict[str, Any]) -> str:
     """The run id of a resolved configuration (what ``master.py`` tracks runs by)."""
     return experiment_id(H, units_text(H)[0])
+
+
+def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | None = None,
+               run: RunContext | None = None) -> Frame:
+    """Plugins and frame for a resolved configuration, writing nothing.
+
+    Raises:
+        ConfigError: a bad units file, data that cannot be loaded, a model that does not fit, a unit that cannot
+            measure this model.
+    """
+    text, source = units or units_text(H)
+    run = run or RunContext(experiment_id(H, text), Paths.for_output_root(H["output_root"]))
+    run.units_text = text
+    frame = generate_ModelFrame(H, units=stoppers_from_settings(H) + parse_units(text, source), run=run,
+                                block_copies=spec.block_copies)
+    try:
+        check_schedules(frame.schedule_units)
+        for unit in frame.measure_units + frame.schedule_units:
+            unit.prepare(frame)
+        if spec.check is not None:
+            spec.check(frame)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return frame
 
 
 class _Progress:
@@ -152,96 +263,107 @@ class _Progress:
             self(self.frame.round, self.frame.H["rounds"])
 
 
-def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | None = None) -> Frame:
-    """Plugins and frame for a resolved configuration, writing nothing.
+def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[Frame, RunClaim]:
+    """Claim the run id, close a dead predecessor's report, find what to resume, build the frame, open the report.
 
     Raises:
-        ConfigError: a bad units file, data that cannot be loaded, a model that does not fit, a unit that
-            cannot measure this model.
+        ConfigError: bad input (nothing written); RunLocked: the run is live elsewhere (nothing written).
     """
-    text, source = units or units_text(H)
-    frame = generate_ModelFrame(H, units=stoppers_from_settings(H) + parse_units(text, source),
-                                paths=Paths.for_output_root(H["output_root"]), block_copies=spec.block_copies)
-    frame.run, frame.units_text = experiment_id(H, text), text
+    text, source = units_text(H)
+    run = RunContext(experiment_id(H, text), Paths.for_output_root(H["output_root"]))
+    run.paths.check_writable()
+    resuming = None
+    if H["resume"] != "no":
+        from src.Runs import resume as resuming  # checkpoints and resume: the run-records wing
+        resuming.find_resume(run.paths, run.id, H["resume"], H, text)  # a bad --resume is refused before any write
+    frame = make_frame(H, spec, (text, source), run)  # catches every remaining bad input before anything is written
+    claim = RunClaim(run.paths.reports, run.id)
     try:
-        check_schedules(frame.schedule_units)
-        for unit in frame.measure_units + frame.schedule_units:
-            unit.prepare(frame)
-        if spec.check is not None:
-            spec.check(frame)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    return frame
-
-
-def build(H: dict[str, Any], spec: EngineSpec, *, frame: Frame | None = None, resume: dict[str, Any] | None = None,
-          record: dict[str, Any] | None = None) -> Frame:
-    """The frame (``make_frame``'s, or a new one) with its reporter; restored from ``resume`` when given."""
-    frame = frame if frame is not None else make_frame(H, spec)
-    files = RunFiles(frame.paths, frame.run_id)
-    text = frame.units_text
-    if resume is not None:
-        try:
-            restore(frame, resume)
-        except (RuntimeError, KeyError, ValueError, TypeError) as err:  # a file that verifies but does not fit
-            raise ConfigError(f"--resume: the checkpoint {resume['_path']} does not fit this run: {err}") from err
-    n_params = sum(p.numel() for p in frame.center_model.parameters())
-    frame.reporter = Reporter(H, files.paths.reports, run=files.run, resume=resume is not None, run_info={
-        "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
-        "batch_size": frame.H["batch_size"], "engine": f"{spec.function.__module__}.{spec.function.__qualname__}",
-        "plugins": [repr(u) for u in frame.stopper_units] + ([repr(u) for u in frame.measure_units]
-                                                             if measuring(H) else []),
-        **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0 and "
-                       f"measurement_rounds is empty"} if frame.measure_units and not measuring(H) else {})},
-        extra_header={"Reproducibility": record or {}, "Units": text},
-        attempt=os.environ.get(ATTEMPT_ENV))  # a sweep master's token of this attempt, echoed for it to find
-    if H["checkpoint_every"] > 0:
-        frame.checkpointer = files.checkpointer()
-    if resume is not None:
-        frame.reporter.rewrite_metrics(frame.history)
-    print(f"dol1.py: run {frame.run_id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, "
-          f"{n_params} parameters, on {frame.device}); report: {frame.reporter.path}", flush=True)
-    return frame
-
-
-def _summary(frame: Frame) -> str:
-    last = frame.history[-1] if frame.history else {}
-    values = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy")
-                       if k in last and isinstance(last[k], float) and math.isfinite(last[k]))
-    return (f"dol1.py: {frame.reporter.status} after {frame.round} rounds "
-            f"({last.get('wall_time', 0.0):.1f} s): {values}")
+        notes = [recover_dead_holder(run.paths, run.id)]
+        record = reproducibility_record(argv, PROJECT_ROOT, H["deterministic"])
+        # found again under the claim: the run may have ended since
+        payload = resuming.find_resume(run.paths, run.id, H["resume"], H, text) if resuming else None
+        if payload is not None:
+            resuming.restore_run(frame, payload)
+            notes += resuming.resume_notes(frame, payload, record)
+        n_params = sum(p.numel() for p in frame.center_model.parameters())
+        run.reporter = Reporter(H, run.paths.reports, run=run.id, resume=payload is not None, run_info={
+            "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
+            "batch_size": frame.H["batch_size"], "engine": spec.path,
+            "plugins": [repr(u) for u in frame.stopper_units] + ([repr(u) for u in frame.measure_units]
+                                                                 if measuring(H) else []),
+            **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0 and "
+                           f"measurement_rounds is empty"} if frame.measure_units and not measuring(H) else {})},
+            extra_header={"Reproducibility": record, "Units": text}, attempt=os.environ.get(ATTEMPT_ENV))
+        if payload is not None:
+            run.reporter.rewrite_metrics(frame.history)  # drop what an interrupted attempt wrote after its checkpoint
+        if H["checkpoint_every"] > 0:
+            from src.Runs.checkpoint import Checkpointer
+            run.checkpointer = Checkpointer(run.paths.checkpoints(run.id))
+        write_config(run.paths, run.id, H, text, record)
+    except BaseException:
+        claim.release()
+        raise
+    for note in notes:
+        if note:
+            frame.log(note)
+    print(f"dol1.py: run {run.id} ({H['training_mode']}, {H['model']} with {frame.n_blocks} blocks, {n_params} "
+          f"parameters, on {frame.device}); report: {run.reporter.path}", flush=True)
+    return frame, claim
 
 
 def _signal_handlers(frame: Frame) -> dict[int, Any]:
     """SIGINT/SIGTERM: the first asks the loop to checkpoint and stop at the next round boundary, a second stops
     at once. Returns the previous handlers."""
     def handle(signum: int, _frame: Any) -> None:
-        if frame.interrupt is not None:
+        if frame.run.interrupt is not None:
             raise KeyboardInterrupt(f"signal {signum}")
-        frame.interrupt = signum
+        frame.run.interrupt = signum
 
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _finish_files(frame: Frame) -> None:
+    """The training curve (a figure that cannot be written is a warning) and the model, written atomically."""
+    figure = frame.paths.figures / f"training_curve_{frame.run_id}"
+    try:
+        drawn = training_curve(frame.history, figure, x=frame.H.get("plot_x", "samples"),
+                               title=f"{frame.run_id}: {frame.H['training_mode']}, {frame.H['model']}")
+        frame.log(f"Training curve: {figure}.pdf" if drawn else "No training curve: the engine logged no progress "
+                  "(engines log through training_loop or log_progress)")
+    except OSError as err:
+        frame.log(f"Warning: the training curve could not be written to {figure}.pdf: {err}")
+    model = frame.paths.model(frame.run_id)
+    tmp = model.with_name(model.name + f".tmp{os.getpid()}")
+    try:
+        torch.save(frame.center_model.state_dict(), tmp)
+        os.replace(tmp, model)
+    finally:
+        tmp.unlink(missing_ok=True)
+    frame.log(f"Model: {model}")
 
 
 def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] | None = None) -> Frame:
     """Run the engine, draw the training curve, save the model and close the report (finished, stopped, failed
     or interrupted)."""
     previous = _signal_handlers(frame)
-    progress = with_tensorboard(frame, progress or _Progress(frame))  # progress itself when --tensorboard is off
+    progress = progress or _Progress(frame)
+    if frame.H["tensorboard"]:
+        from src.Runs.tensorboard import TensorBoardLog  # event files from the run's records (run-records wing)
+        progress = TensorBoardLog(frame, progress)
     try:
         spec.run(frame, progress)
         if hasattr(progress, "close"):
             progress.close()
-        draw_training_curve(frame)
-        frame.log(f"Model: {save_model(frame, RunFiles(frame.paths, frame.run_id))}")
+        _finish_files(frame)
     except KeyboardInterrupt:
         for sig in previous:  # a second signal must not cut the closing of the report short
             signal.signal(sig, signal.SIG_IGN)
         if hasattr(progress, "close"):
             progress.close()
-        name = signal.Signals(frame.interrupt).name if frame.interrupt else "SIGINT"
+        name = signal.Signals(frame.run.interrupt).name if frame.run.interrupt else "SIGINT"
         saved = f"; resumable from the checkpoint at round {frame.round}" \
-            if frame.checkpointer is not None and frame.checkpointed_round == frame.round else ""
+            if frame.run.checkpointer is not None and frame.run.checkpointed_round == frame.round else ""
         frame.reporter.finish("interrupted", f"{name}{saved}")
         print(f"dol1.py: interrupted ({name}); report: {frame.reporter.path}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -256,42 +378,16 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
             signal.signal(sig, handler)
     status = "diverged" if frame.stop_kind == "non_finite" else "stopped" if frame.stop_reason else "finished"
     frame.reporter.finish(status, frame.stop_reason)
-    print(_summary(frame), flush=True)
+    last = frame.history[-1] if frame.history else {}
+    values = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy")
+                       if isinstance(last.get(k), float) and math.isfinite(last[k]))
+    print(f"dol1.py: {status} after {frame.round} rounds ({last.get('wall_time', 0.0):.1f} s): {values}", flush=True)
     return frame
-
-
-def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[Frame, RunClaim]:
-    """Claim the run, close a dead predecessor's report, find what to resume, build the frame.
-
-    Raises:
-        ConfigError: bad input (nothing written); RunLocked: the run is live elsewhere (nothing written).
-    """
-    units = units_text(H)
-    text = units[0]
-    files = RunFiles(Paths.for_output_root(H["output_root"]), experiment_id(H, text))
-    check_writable(files.paths)
-    resume = find_resume(files, H["resume"], H, text)
-    frame = make_frame(H, spec, units)  # catches every remaining bad input before anything is written
-    claim = RunClaim(files.paths.reports, files.run)
-    try:
-        if resume is not None:  # what was found before the claim may have finished meanwhile: look again
-            resume = find_resume(files, H["resume"], H, text)
-        previous = read_config(files.config) if resume is not None and files.config.exists() else None
-        recovered = recover_dead_holder(files)
-        record = reproducibility_record(argv, PROJECT_ROOT, H["deterministic"])
-        frame = build(H, spec, frame=frame, resume=resume, record=record)
-        write_config(files, H, text, record)
-    except BaseException:
-        claim.release()
-        raise
-    for note in [recovered] + resume_notes(frame, resume, previous, record):
-        if note:
-            frame.log(note)
-    return frame, claim
 
 
 def measure_only(H: dict[str, Any]) -> Frame:
     """Run the measurement units of ``--units_file`` once on the saved model of run ``H['measure_only']``."""
+    from src.Runs.reopen import measure_saved_model  # reopening a run: the run-records wing
     frame, logs = measure_saved_model(H["measure_only"], H["output_root"] or None, *units_text(H))
     for unit, log in zip(frame.measure_units, logs):
         print(f"dol1.py: {type(unit).__name__} measured run {frame.run_id} at round {frame.round}: {log}")
@@ -311,8 +407,8 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
             print(f"dol1.py: warning: {note}", file=sys.stderr)
         if H["measure_only"]:
             return measure_only(H)
-        if spec.torchrun_worker is not None and torchrun_rank() > 0:
-            spec.torchrun_worker(H)  # follow rank 0, write nothing
+        if spec.torchrun_worker is not None and int(os.environ.get("RANK", "0")) > 0:
+            spec.torchrun_worker(H)  # a torchrun rank > 0 follows rank 0 and writes nothing
             return None
         frame, claim = open_run(H, spec, argv)
     except ConfigError as err:
@@ -323,14 +419,19 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
     except RunLocked as err:
         if raise_errors:
             raise
-        run = run_identity(H)
-        print(f"dol1.py: error: run {run} is already running (pid {err}); report: "
-              f"{Paths.for_output_root(H['output_root']).report(run)}", file=sys.stderr)
+        print(f"dol1.py: error: run {run_identity(H)} is already running (pid {err}); report: "
+              f"{Paths.for_output_root(H['output_root']).report(run_identity(H))}", file=sys.stderr)
         raise SystemExit(3) from None
     try:
         return train(frame, spec)
     finally:
         claim.release()
+
+
+def load_run(*args: Any, **kwargs: Any) -> Any:
+    """Reopen a run (settings, status, history, model, latest checkpoint): ``src.Runs.reopen.load_run``."""
+    from src.Runs.reopen import load_run as reopen
+    return reopen(*args, **kwargs)
 
 
 def run(**settings: Any) -> Frame | None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import dol1  # noqa: E402
-from src.Buliding_Units.checkpoint import Checkpointer, restore  # noqa: E402
+from src.Runs.checkpoint import Checkpointer, restore  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import blockwise_round  # noqa: E402
 
 CASES = {

@@ -1,14 +1,15 @@
 """The batch-size probe: the largest training batch that fits in memory (``--batch_size 0``).
 
-Ground floor: imports nothing of the project.
+Ground floor: imports only the utilities.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 from torch import nn
+
+from src.utils import available_host_bytes
 
 
 def _largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
@@ -60,16 +61,6 @@ def _saved_bytes(model: nn.Module, sample: torch.Tensor, batch: int) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
     return total
-
-
-def available_host_bytes() -> int:
-    """Memory the OS can give this process now (Linux: MemAvailable), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def get_max_batch_size(model: nn.Module, sample: torch.Tensor, device: torch.device | str = "cpu", *,

@@ -39,6 +39,7 @@ PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_work
 # their own keys enter only their ids
 ASYNC_MODES = ("async", "async_sequential")
 ASYNC_KEYS = ("max_staleness", "worker_speeds", "step_time")
+RESUME_MODES = ("no", "yes", "auto")  # --resume: or a run id R<hash>
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 

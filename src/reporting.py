@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
+from src.cli import ConfigError
 from src.records import lock_holder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,38 @@ class Paths:
     def metrics(self, run: str) -> Path:
         """The metrics file (JSON lines) of run ``run``."""
         return self.reports / f"{run}.metrics.jsonl"
+
+    def config(self, run: str) -> Path:
+        """The resolved settings, units text and reproducibility record of run ``run``."""
+        return self.reports / f"{run}.config.json"
+
+    def model(self, run: str) -> Path:
+        """The centre model's ``state_dict`` at the end of run ``run``."""
+        return self.reports / f"{run}.model.pt"
+
+    def checkpoints(self, run: str) -> Path:
+        """The checkpoint folder of run ``run``."""
+        return self.root / "checkpoints" / run
+
+    def check_writable(self) -> None:
+        """Check, creating nothing, that the output folders can be created and written: each one, or its deepest
+        existing ancestor, must be a folder in which a temporary file can be made.
+
+        Raises:
+            ConfigError: the output root (or a folder on the way) is a file, or a folder cannot be written.
+        """
+        for folder in (self.reports, self.figures, self.measurements, self.root / "checkpoints"):
+            existing = folder
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            try:
+                if not existing.is_dir():
+                    raise NotADirectoryError(20, f"{str(existing)!r} is a file, not a folder")
+                with tempfile.TemporaryFile(dir=existing):
+                    pass
+            except OSError as err:
+                raise ConfigError(f"--output_root {str(self.root)!r}: cannot write to {str(folder)!r} "
+                                  f"({err.strerror or err})") from err
 
 
 def run_id(H: Mapping[str, Any]) -> str:
@@ -387,3 +420,21 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
             "attempt": attempt if attempt not in (None, "-") else None,
             "run_info": json.loads(info) if info else {}, "reproducibility": json.loads(record) if record else {}}
+
+
+def write_config(paths: Paths, run: str, H: Mapping[str, Any], units_text: str, record: Mapping[str, Any]) -> None:
+    """``R<hash>.config.json``: what ``dol1.py --settings_file`` needs to run the experiment again exactly."""
+    write_json_atomic(paths.config(run), {"run_id": run, "settings": dict(H), "units_text": units_text,
+                                          "identity_excludes_placement": True, "reproducibility": dict(record)})
+
+
+def recover_dead_holder(paths: Paths, run: str) -> str | None:
+    """Close the report of an earlier holder of this run that died without closing it (call with the claim held);
+    returns a sentence for the new report, or None when there was nothing to recover."""
+    state = read_status(paths.reports, run)
+    if state is None or state.get("status") != "alive" or state.get("pid") == os.getpid():
+        return None
+    detail = (f"died: process {state.get('pid')} ended without closing its report (SIGKILL, out of memory or "
+              f"power loss); found by the next run of {run}")
+    write_status(paths.reports, run, "failed", detail, pid=state.get("pid"), attempt=state.get("attempt"))
+    return f"The previous attempt (pid {state.get('pid')}) had died without closing its report: marked failed"

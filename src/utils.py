@@ -1,28 +1,37 @@
-"""Seeds, plus the seed README's utility names in one place.
+"""Seeds and determinism, free memory, and the seed README's utility names in one place.
 
-The utilities live in one module per concern, all on the ground floor (they import nothing of the project above
-them): the command line in :mod:`src.cli`, block copies in :mod:`src.blocks`, the batch-size probe in
-:mod:`src.batch_probe`, the Reporter and run files in :mod:`src.reporting`. The ``Units.txt`` parser lives next to
-the plugins it builds, a floor up: :func:`src.Buliding_Units.plugins.parse_measurement_units`.
+The utilities live in one module per concern on the ground floor: the command line in :mod:`src.cli`, block copies
+in :mod:`src.blocks`, the batch-size probe in :mod:`src.batch_probe`, the Reporter in :mod:`src.reporting`. Their
+seed names are importable from here (``from src.utils import Reporter, copy_block``), each module loaded on first use.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from src.batch_probe import get_max_batch_size
-from src.blocks import block_tensors, copy_block, copy_model
-from src.cli import ConfigError, key_comments, parse_arguments
-from src.reporting import PROJECT_ROOT, Reporter, archive_existing, git_commit, read_report, run_id
+_SEED_NAMES = {  # the seed README's utils table: name -> the module that holds it
+    "Reporter": "src.reporting", "get_max_batch_size": "src.batch_probe", "copy_block": "src.blocks",
+    "copy_model": "src.blocks", "parse_arguments": "src.cli", "ConfigError": "src.cli",
+    "generate_data": "src.Data.images", "parse_measurement_units": "src.Buliding_Units.plugins"}
 
-__all__ = ["PROJECT_ROOT", "ConfigError", "Reporter", "archive_existing", "block_tensors", "copy_block", "copy_model",
-           "get_max_batch_size", "git_commit", "key_comments", "parse_arguments", "read_report", "run_id",
-           "deterministic_kept", "set_deterministic", "set_seed"]
+
+def __getattr__(name: str) -> Any:
+    if name in _SEED_NAMES:
+        return getattr(importlib.import_module(_SEED_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (CUDA included)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def set_deterministic() -> None:
@@ -34,19 +43,27 @@ def set_deterministic() -> None:
 
 @contextlib.contextmanager
 def deterministic_kept() -> Iterator[None]:
-    """Restore the process's deterministic settings (:func:`set_deterministic`'s) on leaving the block: a run in a
-    notebook's process must not change how the notebook's next run computes."""
+    """Restore the process's deterministic settings (:func:`set_deterministic`'s, ``CUBLAS_WORKSPACE_CONFIG``
+    included) on leaving the block: a run in a notebook must not change how the notebook's next run computes."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (CUDA included)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+def available_host_bytes() -> int:
+    """Memory the OS can give this process now (Linux: MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -245,13 +245,15 @@ def test_n_workers_enters_the_id_of_asynchronous_runs_only():
 
 
 def test_a_checkpoint_describes_the_state_after_the_remote_work():
-    """The asynchronous server applies the updates in flight inside ``remote_state``: the counters saved must be
+    """The asynchronous server applies the updates in flight inside ``ranks_state``: the counters saved must be
     those after it."""
-    from src.Buliding_Units.checkpoint import frame_state
+    from src.Optimizer_Engines.loop import EngineState, attach_engine
+    from src.Runs.checkpoint import frame_state
     frame = frame_for(*TINY, "--training_mode", "async_sequential")
 
-    def remote():
-        frame.steps += 7
-        return {"copies": {}, "block_optimizers": {}, "rng": {}}
-    frame.remote_state = remote
+    class Remote(EngineState):
+        def ranks_state(self):
+            frame.steps += 7
+            return {"copies": {}, "block_optimizers": {}, "rng": {}}
+    attach_engine(frame, Remote())
     assert frame_state(frame)["steps"] == 7

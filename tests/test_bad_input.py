@@ -164,7 +164,7 @@ def test_units_file_with_a_byte_order_mark_is_read(tmp_path):
 
 
 def test_read_only_output_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    import src.Buliding_Units.runs as runs
+    import src.reporting as runs
     out = tmp_path / "ro"
     out.mkdir()
     if os.geteuid() != 0:  # a real read-only folder stops only non-root users
@@ -201,7 +201,7 @@ def test_status_is_written_before_the_traceback_on_a_full_disk(tmp_path, monkeyp
         with open(self.path, "a") as f:
             f.write(message + "\n")
     monkeypatch.setattr(reporting.Reporter, "log", full)
-    monkeypatch.setattr(dol1, "save_model", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(dol1, "_finish_files", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
         dol1.main(TINY + ["--output_root", str(tmp_path)])
     head = read_report(next((tmp_path / "reports").glob("R*.txt")))
@@ -209,8 +209,7 @@ def test_status_is_written_before_the_traceback_on_a_full_disk(tmp_path, monkeyp
 
 
 def test_unwritable_figure_is_a_warning_not_a_failure(tmp_path, monkeypatch):
-    import src.Buliding_Units.runs as runs
-    monkeypatch.setattr(runs, "training_curve",
+    monkeypatch.setattr(dol1, "training_curve",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     frame = dol1.main(TINY + ["--output_root", str(tmp_path)])
     head = read_report(frame.reporter.path)

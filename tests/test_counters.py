@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dol1
-from src.Buliding_Units.checkpoint import frame_state, restore
+from src.Runs.checkpoint import frame_state, restore
 from src.Buliding_Units.Model_frames import COUNTERS, generate_ModelFrame
 from src.Optimizer_Engines import resolve_engine
 from src.Optimizer_Engines.loop import active_blocks, count_step

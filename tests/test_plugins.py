@@ -9,7 +9,7 @@ import dol1
 from src.Buliding_Units import hessian
 from src.Buliding_Units.MeasurementUnit import (HessianBlockInteractionMeasurement, MeasurementUnit,
                                                 Working_memory_usage)
-from src.Buliding_Units.Model_frames import generate_ModelFrame
+from src.Buliding_Units.Model_frames import RunContext, generate_ModelFrame
 from src.reporting import Paths
 from src.Optimizer_Engines.BCD_engine import train_blockwise_sequential, train_entire
 
@@ -74,7 +74,7 @@ def test_memory_unit_entire_mode_counts_the_optimizer():
 def test_interaction_unit_leaves_a_batchnorm_model_unchanged(tmp_path):
     H = dol1.resolve_config(["--model", "cnn", "--config", "[3, 3]", "--training_mode", "entire", "--rounds", "2",
                              "--cuda_core", "-1", "--measurement_sampling_rate", "0", "--batch_size", "16"])
-    frame = train_entire(generate_ModelFrame(H, paths=Paths(tmp_path)))
+    frame = train_entire(generate_ModelFrame(H, run=RunContext(paths=Paths(tmp_path))))
     frame.center_model.train()
     before = copy.deepcopy(frame.center_model.state_dict())
     grads = [p.grad.clone() for p in frame.center_model.parameters()]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dol1
-from src.Buliding_Units.runs import load_run
+from src.Runs.reopen import load_run
 from src.records import experiment_id
 from src.reporting import read_report
 
@@ -208,7 +208,7 @@ def test_output_root_that_is_a_file_or_unwritable_is_bad_input(tmp_path, capsys,
         dol1.main(TINY + units(tmp_path) + ["--output_root", str(blocker / "out")])
     assert info.value.code == 2 and "is a file" in capsys.readouterr().err
 
-    import src.Buliding_Units.runs as runs
+    import src.reporting as runs
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

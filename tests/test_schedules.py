@@ -180,7 +180,7 @@ class InterruptAt(MeasurementUnit):
 
     def measure(self, frame):
         if frame.round == self.at and not getattr(frame, "_resumed", False):
-            frame.interrupt = 15
+            frame.run.interrupt = 15
         return {}
 
 

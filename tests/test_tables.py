@@ -49,7 +49,7 @@ def test_every_plugin_constructs_from_defaults_and_runs_once(tmp_path, name):
         return
     H = dol1.resolve_config(TINY + ["--training_mode", "blockwise_sequential", "--rounds", "1",
                                     "--output_root", str(tmp_path)])
-    frame = dol1.build(H, resolve_engine(H["training_mode"]))
+    frame = dol1.make_frame(H, resolve_engine(H["training_mode"]))
     if isinstance(unit, ScheduleUnit):
         unit.prepare(frame)
         changes = unit.at(frame, 0)

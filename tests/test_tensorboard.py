@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dol1
-from src.Buliding_Units import tensorboard_log
+from src.Runs import tensorboard as tensorboard_log
 from src.cli import ConfigError
 
 pytest.importorskip("tensorboard")
@@ -113,15 +113,15 @@ def test_off_by_default_imports_and_writes_nothing(tmp_path):
                                                                  "--output_root", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "IMPORTED ['src.Buliding_Units.tensorboard_log']" in out.stdout  # the module, never tensorboard itself
+    assert "IMPORTED []" in out.stdout  # neither the wing's module nor tensorboard itself
     assert (tmp_path / "reports").is_dir() and not (tmp_path / "tensorboard").exists()
 
 
 def test_missing_tensorboard_is_bad_input(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="--tensorboard true needs the tensorboard package"):
-        tensorboard_log.check_tensorboard({"tensorboard": True})
-    tensorboard_log.check_tensorboard({"tensorboard": False})  # off: not even looked for
+        dol1.resolve_config(SMALL + ["--tensorboard", "true"], raise_errors=True)
+    dol1.resolve_config(SMALL, raise_errors=True)  # off: not even looked for
 
 
 @pytest.mark.parametrize("value, tags", [

@@ -15,7 +15,7 @@ def install(at: int) -> Iterator[None]:
 
     def stopper(frame) -> bool:
         if frame.round == at:
-            frame.interrupt = signal.SIGTERM
+            frame.run.interrupt = signal.SIGTERM
         return original(frame)
     loop.check_round_stoppers = stopper
     try:

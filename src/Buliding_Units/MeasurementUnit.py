@@ -30,6 +30,8 @@ class MeasurementUnit(ABC):
     only within one run (the first write of a run starts a new file, moving an older one aside).
     """
 
+    plugin_kind = "measure"  # how the frame factory files it: measure_units, stopper_units or schedule_units
+
     # class-level defaults, so a subclass whose __init__ does not call super().__init__() still works
     log_path: Path | None = None
     count: int = 0
@@ -112,8 +114,8 @@ class Working_memory_usage(MeasurementUnit):
         return {"autograd": self.autograd}
 
     def measure(self, frame: Any) -> dict[str, Any]:
-        remote = getattr(frame, "remote_memory", None)  # a multi-process engine: every rank's figures
-        ranks = remote() if remote is not None else [memory.process_memory(frame)]
+        remote = frame.engine.ranks_memory() if frame.engine is not None else None  # a multi-process engine's ranks
+        ranks = remote if remote is not None else [memory.process_memory(frame)]
         centre = {k: sum(r["center"][k] for r in ranks) for k in ranks[0]["center"]}
         copies = {k: sum(r["copies"][k] for r in ranks) for k in ranks[0]["copies"]}
         scratch = sum(r["scratch"] for r in ranks)

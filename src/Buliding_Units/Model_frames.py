@@ -1,11 +1,13 @@
 """Frames: the runtime containers that the engines train.
 
-A ``Frame`` owns the hyper-parameters ``H``, the device, the ``center_model``, the data and its seeded batch
-sequence, the criterion, the optimiser(s), the reporter and the plugins. Behaviour lives in the engines
-(``src/Optimizer_Engines``) and the plugins; the frame classes only differ in what they hold:
+A ``Frame`` owns the settings ``H``, the device, the ``center_model``, the data and its seeded batch sequence, the
+criterion, the optimiser and the plugins, and the training state (round, compute counters, history, timers). Run
+plumbing — the report, output paths, checkpoints, the interrupt flag, what a resume restored — sits in one
+attribute, ``frame.run`` (a :class:`RunContext`); engines only call ``frame.log``. Behaviour lives in the engines
+and the plugins:
 
 * ``Disributed_frame`` adds ``distributed_models`` (one full model copy per block, each with an optimiser over that
-  block only, kept for the whole run) and the communication stage (gather, optional damping, delay, scatter).
+  block only) and the communication stage (gather with damping, delay, scatter);
 * ``ImageClassifier_frame_*`` use cross-entropy and report accuracy; ``Regression_frame_*`` use MSE in every mode.
 
 ``generate_ModelFrame(H)`` picks the model and the frame from tables.
@@ -16,26 +18,19 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from src.Architectures.Models import build_model
-from src.batch_probe import available_host_bytes, get_max_batch_size
 from src.blocks import block_tensors
-from src.Buliding_Units.ScheduleUnit import ScheduleUnit
-from src.Buliding_Units.StopperUnit import StopperUnit
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
 from src.Optimizer_Engines import ENGINES
-from src.reporting import Paths, run_id
-from src.utils import set_seed
-
-__all__ = ["COUNTERS", "FRAMES", "OPTIMIZERS", "Disributed_frame", "Frame", "ImageClassifier_frame_blockwise",
-           "ImageClassifier_frame_entire", "Paths", "Regression_frame_blockwis", "Regression_frame_entire",
-           "generate_ModelFrame", "make_optimizer", "select_device"]
+from src.reporting import Paths, Reporter
+from src.utils import available_host_bytes, set_seed
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, H: torch.optim.Adam(params, lr=H["step_size"]),
@@ -43,21 +38,16 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-COUNTERS = ("steps", "samples", "block_updates", "forward_sample_passes", "backward_sample_passes")
-"""The Frame's compute counters (kept by ``loop.count_step``), logged in every progress record and checkpointed."""
-
-
 def select_device(cuda_core: int) -> torch.device:
-    """``cuda:<cuda_core>`` when that GPU exists, else the CPU (-1 asks for it; a missing GPU falls back to it,
-    see :func:`device_note`). The device a run used is in its report's run info."""
+    """``cuda:<cuda_core>`` when that GPU exists, else the CPU (-1 asks for it; see :func:`device_note`)."""
     if cuda_core >= 0 and torch.cuda.is_available() and cuda_core < torch.cuda.device_count():
         return torch.device(f"cuda:{cuda_core}")
     return torch.device("cpu")
 
 
 def device_note(cuda_core: int) -> str | None:
-    """A one-line warning when a GPU index other than the default 0 was asked for and does not exist (the default
-    falls back to the CPU quietly, so a CPU machine runs the defaults without noise)."""
+    """A warning when a GPU other than the default 0 was asked for and does not exist (the default falls back to the
+    CPU quietly, so a CPU machine runs the defaults without noise)."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cuda_core > 0 and cuda_core >= visible:
         return f"--cuda_core {cuda_core}: no such GPU ({visible} visible); running on the CPU"
@@ -69,21 +59,58 @@ def make_optimizer(params: Iterable[nn.Parameter], H: Mapping[str, Any]) -> torc
     return OPTIMIZERS[H["optimizer"]](list(params), H)
 
 
+@dataclass
+class Counters:
+    """Training compute so far, kept by ``loop.count_step`` the same way in every engine and logged in every
+    progress record (the README's counter table says what each one counts)."""
+
+    steps: int = 0  # optimiser steps: one per block per local step
+    samples: int = 0  # training samples drawn from the data
+    block_updates: int = 0  # block-sized updates of the centre: B per entire-model step, 1 per block per round
+    forward_sample_passes: int = 0  # samples pushed through a forward pass of the model
+    backward_sample_passes: int = 0  # samples pushed back through a backward pass
+    bytes_sent: int = 0  # bytes moved between processes (multi-process engines)
+
+
+COUNTERS = tuple(f.name for f in fields(Counters))[:5]  # the compute counters (bytes_sent is communication)
+
+
+@dataclass(eq=False)
+class RunContext:
+    """The run's plumbing, reached through ``frame.run``: nothing in it changes what is computed.
+
+    ``dol1.py`` fills it; a frame built in a notebook or a test gets an empty one (no report, default paths).
+    ``checkpointer`` writes checkpoints at round boundaries (the run-records wing); ``interrupt`` is a signal number
+    set by the script's handler (the loop checkpoints and stops at the next round boundary); ``elapsed`` is the
+    training time before a resume; ``resumed`` holds what a checkpoint restored beyond the frame: every rank's RNG
+    state (``"rng"``) and the engine's state (``"engine"``, handed to its :class:`~loop.EngineState`).
+    """
+
+    id: str | None = None
+    paths: Paths = field(default_factory=Paths)
+    reporter: Reporter | None = None
+    units_text: str | None = None
+    checkpointer: Any = None
+    checkpointed_round: int | None = None
+    interrupt: int | None = None
+    start_time: float = field(default_factory=time.perf_counter)
+    elapsed: float = 0.0
+    resumed: dict[str, Any] = field(default_factory=dict)
+
+
+def _counter(name: str) -> property:
+    return property(lambda self: getattr(self.counters, name), lambda self, v: setattr(self.counters, name, v),
+                    doc=f"``frame.counters.{name}``")
+
+
 @dataclass(eq=False)
 class Frame:
-    """Runtime container of one run: model, data, criterion, optimiser, reporter and plugins.
+    """Runtime container of one run: settings, model, data, criterion, optimiser, plugins and training state.
 
-    Attributes set by the engines while training: ``round`` (completed rounds), ``steps`` (optimiser steps,
-    one per block per local step), ``samples`` (training samples consumed), the compute counters
-    ``block_updates``, ``forward_sample_passes`` and ``backward_sample_passes`` (kept by
-    ``loop.count_step``; see the README's counter table), ``history`` (one metrics dict per
-    progress check), ``timers`` (seconds of compute, communication, logging, measurement), ``stop_reason``.
-    Run plumbing: ``checkpointer`` (writes checkpoints at round boundaries), ``interrupt`` (a signal number set by
-    the script's handler: the loop checkpoints at the next round boundary and raises KeyboardInterrupt),
-    ``elapsed`` (training seconds before a resume), ``remote_state`` (a multi-process engine's collector of the
-    other ranks' state for a checkpoint), ``restored_rng`` (every rank's RNG state after a resume); an engine with
-    state of its own sets ``engine_state`` (saved in checkpoints, handed back as ``restored_engine``) and
-    ``engine_metrics`` (extra fields of every progress record).
+    Set by the engines while training: ``round`` (completed rounds), ``counters`` (also readable as ``frame.steps``,
+    ``frame.samples``, …), ``history`` (one metrics dict per progress check), ``timers`` (seconds of compute,
+    communication, logging, measurement), ``stop_reason``/``stop_kind``. An engine with state of its own sets
+    ``engine`` (see ``loop.EngineState``).
     """
 
     H: dict[str, Any]
@@ -92,36 +119,23 @@ class Frame:
     data: TaskData
     criterion: nn.Module
     task: str = "classification"
-    reporter: Any = None
+    optimizer: torch.optim.Optimizer | None = None
     measure_units: list = field(default_factory=list)
     stopper_units: list = field(default_factory=list)
     schedule_units: list = field(default_factory=list)
-    paths: Paths = field(default_factory=Paths)
-    optimizer: torch.optim.Optimizer | None = None
     round: int = 0
-    steps: int = 0
-    samples: int = 0
-    block_updates: int = 0  # block-sized updates of the centre: B per entire-model step, 1 per block per round
-    forward_sample_passes: int = 0  # samples pushed through a forward pass of the model while training
-    backward_sample_passes: int = 0  # samples pushed back through a backward pass while training
+    counters: Counters = field(default_factory=Counters)
     history: list[dict[str, Any]] = field(default_factory=list)
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("compute", "communication", "logging", "measurement"), 0.0))
     stop_reason: str | None = None
     stop_kind: str | None = None  # the stopper's machine-readable reason ("non_finite", "patience", "target", …)
-    start_time: float = field(default_factory=time.perf_counter)
-    bytes_sent: int = 0
-    checkpointer: Any = None
-    checkpointed_round: int | None = None  # the round of the last checkpoint this process wrote
-    run: str | None = None
-    units_text: str | None = None  # the text of the run's units file (part of its identity)
-    interrupt: int | None = None
-    elapsed: float = 0.0
-    remote_state: Callable[[], dict[str, Any]] | None = None
-    restored_rng: dict[int, Any] | None = None
-    engine_metrics: Callable[[], dict[str, Any]] | None = None  # an engine's own fields for every progress record
-    engine_state: Callable[[], dict[str, Any]] | None = None  # an engine's own state for a checkpoint
-    restored_engine: dict[str, Any] | None = None  # that state after a resume
+    run: RunContext = field(default_factory=RunContext)
+    engine: Any = None
+
+    steps, samples, block_updates = _counter("steps"), _counter("samples"), _counter("block_updates")
+    forward_sample_passes, backward_sample_passes = _counter("forward_sample_passes"), _counter("backward_sample_passes")
+    bytes_sent = _counter("bytes_sent")
 
     def __post_init__(self) -> None:
         self.train_batches = self.data.batches(self.H["batch_size"], self.H["seed"])
@@ -130,20 +144,28 @@ class Frame:
         self.current_lrs = [self.H["step_size"]] * self.n_blocks  # per block, as schedules set them
         self.pool_order: torch.Tensor | None = None  # a curriculum's sample order (easiest first)
         self.pool_size: int | None = None  # a curriculum's current pool
-    @property
-    def run_id(self) -> str:
-        if self.run is not None:
-            return self.run
-        return self.reporter.run_id if self.reporter is not None else run_id(self.H)
+        self.round_changes: dict[str, Any] = {}  # the schedules' changes of the round being trained
 
     @property
     def n_blocks(self) -> int:
         return len(self.center_model.blocks)
 
+    @property
+    def run_id(self) -> str:
+        return self.run.id or "R00000000"
+
+    @property
+    def paths(self) -> Paths:
+        return self.run.paths
+
+    @property
+    def reporter(self) -> Reporter | None:
+        return self.run.reporter
+
     def log(self, message: str) -> None:
         """Write to the report when there is one."""
-        if self.reporter is not None:
-            self.reporter.log(message)
+        if self.run.reporter is not None:
+            self.run.reporter.log(message)
 
 
 class ImageClassifier_frame_entire(Frame):
@@ -162,8 +184,8 @@ class Regression_frame_entire(ImageClassifier_frame_entire):
 class Disributed_frame(Frame):
     """A frame with one model copy per block (``distributed_models[b]``) and the communication stage.
 
-    Each copy optimises its own block only (the other blocks' parameters do not require grad in that copy);
-    its optimiser lives for the whole run. ``owned_blocks`` restricts the copies to a subset (one worker of the
+    Each copy optimises its own block only (the other blocks' parameters do not require grad in that copy); its
+    optimiser lives for the whole run. ``owned_blocks`` restricts the copies to a subset (one worker of a
     multi-process engine owns only its blocks).
     """
 
@@ -190,7 +212,7 @@ class Disributed_frame(Frame):
         return math.sqrt(total)
 
     def gather_block(self, b: int, source: nn.Module | None = None) -> None:
-        """centre_b <- centre_b + gamma * (source_b - centre_b); gamma = 1 is a plain copy. Integer buffers are copied."""
+        """centre_b <- centre_b + gamma·(source_b − centre_b); gamma = 1 is a plain copy. Integer buffers are copied."""
         gamma = self.H.get("gamma", 1.0)
         source = self.distributed_models[b].blocks[b] if source is None else source
         with torch.no_grad():
@@ -203,9 +225,8 @@ class Disributed_frame(Frame):
     def scatter(self, blocks: Iterable[int] | None = None, to: Iterable[int] | None = None) -> None:
         """Copy the centre's ``blocks`` (default: all) into the copies ``to`` (default: every owned copy)."""
         blocks = range(self.n_blocks) if blocks is None else list(blocks)
-        targets = self.distributed_models.keys() if to is None else to
         with torch.no_grad():
-            for c in targets:
+            for c in self.distributed_models.keys() if to is None else to:
                 for b in blocks:
                     for dst, src in zip(block_tensors(self.distributed_models[c].blocks[b]),
                                         block_tensors(self.center_model.blocks[b])):
@@ -231,7 +252,7 @@ class Regression_frame_blockwis(Disributed_frame):
     """Block-wise training of a regressor (MSE in every mode; no accuracy)."""
 
 
-# (task, blockwise?) -> (frame class, criterion factory)
+# (task, block copies?) -> (frame class, criterion factory)
 FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
     ("classification", False): (ImageClassifier_frame_entire, nn.CrossEntropyLoss),
     ("classification", True): (ImageClassifier_frame_blockwise, nn.CrossEntropyLoss),
@@ -239,39 +260,31 @@ FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
     ("regression", True): (Regression_frame_blockwis, nn.MSELoss),
 }
 
-
 MEMORY_SHARE = 0.8  # a model (with its copies and optimiser state) may take at most this share of free memory
 
 
-def _free_bytes(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-
-
 def _build_checked(H: Mapping[str, Any], data: TaskData, device: torch.device, copies: int) -> nn.Module:
-    """Build the model after checking, on the meta device (no memory), that it fits the data and the memory.
-
-    ``copies`` is a rough count of extra model copies (block-wise frames); Adam state doubles the parameters.
-    """
+    """Build the model after checking on the meta device (no memory) that it fits the data and the memory;
+    ``copies`` counts the extra model copies of a block-wise frame, Adam's state doubles the parameters."""
     def build(shape: tuple[int, ...] = tuple(data.input_shape)) -> nn.Module:
         return build_model(H["model"], H["config"], shape, data.output_dim, beta=H["beta"],
                            voting_method=H["voting_method"])
     try:
         with torch.device("meta"):
-            shape_only = build()
+            n_params = sum(p.numel() for p in build().parameters())
     except (ValueError, TypeError) as err:
         blame_config = f"--config {H['config']!r} does not fit --model {H['model']}"
         if "input_shape" not in str(err):
             raise ConfigError(f"{blame_config}: {err}") from err
-        other = (3, 32, 32) if len(data.input_shape) != 3 else (3 * 32 * 32,)
         try:  # would the config build on inputs of the other kind? then the data set is what does not fit
             with torch.device("meta"):
-                build(other)
+                build((3, 32, 32) if len(data.input_shape) != 3 else (3 * 32 * 32,))
         except (ValueError, TypeError) as config_err:
             raise ConfigError(f"{blame_config}: {config_err}") from config_err
         raise ConfigError(f"--model {H['model']} cannot take --dataset_name {H['dataset_name']} (one sample has "
                           f"shape {tuple(data.input_shape)}): {err}") from err
-    n_params = sum(p.numel() for p in shape_only.parameters())
-    need, free = 4 * n_params * (3 + copies), _free_bytes(device)
+    need = 4 * n_params * (3 + copies)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
     if need > MEMORY_SHARE * free:
         raise ConfigError(f"--config {H['config']!r}: --model {H['model']} would have {n_params:,} parameters, "
                           f"about {need / 2**30:.1f} GiB with optimiser state and block copies, more than "
@@ -279,26 +292,24 @@ def _build_checked(H: Mapping[str, Any], data: TaskData, device: torch.device, c
     return build().to(device)
 
 
-def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = None, reporter: Any = None,
-                        units: Iterable[Any] = (), owned_blocks: Iterable[int] | None = None,
-                        paths: Paths | None = None, block_copies: bool | None = None) -> Frame:
+def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = None, units: Iterable[Any] = (),
+                        owned_blocks: Iterable[int] | None = None, run: RunContext | None = None,
+                        block_copies: bool | None = None) -> Frame:
     """Build data, model, criterion and the right frame for ``H``.
 
-    The centre model is created right after ``set_seed(H['seed'])``, so every process building the same H gets
-    the same initial weights. Whether the frame holds one model copy per block (a ``Disributed_frame``) is the
-    engine's choice: ``block_copies``, or else the registered engine of ``H['training_mode']`` (the factory never
-    imports an engine: ``dol1.py`` resolves the mode first).
+    The centre model is created right after ``set_seed(H['seed'])``, so every process building the same H gets the
+    same initial weights. ``block_copies`` (one model copy per block) is the engine's choice; by default the
+    engine table's entry of ``H['training_mode']``.
 
     Raises:
-        ConfigError: the dataset cannot be loaded, the config does not fit the model, or the mode is unknown.
+        ConfigError: the data set cannot be loaded, the config does not fit the model, or the mode is unknown.
     """
     H = dict(H)
     if block_copies is None:
-        spec = ENGINES.get(H["training_mode"])
-        if spec is None:
-            raise ConfigError(f"--training_mode {H['training_mode']!r} is not a registered engine: resolve it "
-                              f"first (src.Optimizer_Engines.resolve_engine) or pass block_copies")
-        block_copies = spec.block_copies
+        if H["training_mode"] not in ENGINES:
+            raise ConfigError(f"--training_mode {H['training_mode']!r} is not in the engine table: resolve it first "
+                              f"(src.Optimizer_Engines.resolve_engine) and pass block_copies")
+        block_copies = ENGINES[H["training_mode"]].block_copies
     device = device if device is not None else select_device(H["cuda_core"])
     try:
         data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"])
@@ -310,15 +321,15 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
             raise ConfigError("--batch_size 0 probes memory on each process, so torchrun ranks could disagree on "
                               "the batch order; give an explicit --batch_size under torchrun")
+        from src.batch_probe import get_max_batch_size  # only this setting needs the probe
         sample = data.sample_batch("train", 1, H["seed"])[0][0]
         H["batch_size"] = max(1, min(len(data.train), get_max_batch_size(model, sample, device)))
     units = list(units)
+    kinds = {kind: [u for u in units if u.plugin_kind == kind] for kind in ("measure", "stopper", "schedule")}
     frame_cls, criterion = FRAMES[(data.task, block_copies)]
     kwargs = dict(H=H, device=device, center_model=model, data=data, criterion=criterion(), task=data.task,
-                  reporter=reporter, stopper_units=[u for u in units if isinstance(u, StopperUnit)],
-                  schedule_units=[u for u in units if isinstance(u, ScheduleUnit)],
-                  measure_units=[u for u in units if not isinstance(u, (StopperUnit, ScheduleUnit))],
-                  paths=paths or Paths())
+                  measure_units=kinds["measure"], stopper_units=kinds["stopper"], schedule_units=kinds["schedule"],
+                  run=run or RunContext())
     if issubclass(frame_cls, Disributed_frame):
         return frame_cls(owned_blocks=owned_blocks, **kwargs)
     return frame_cls(**kwargs)

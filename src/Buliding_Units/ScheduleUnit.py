@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.Buliding_Units.schedules import KEYS
 
-KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
+
 # schedulers that take other schedulers or a function as arguments: not expressible as key=value literals
 UNSPELLABLE = ("ChainedScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR")
 MONITORS = ("loss", "accuracy", "test_loss", "test_accuracy")
@@ -41,6 +42,8 @@ class ScheduleUnit(ABC):
     ``prepare(frame)`` runs before training and raises ValueError for a schedule this run cannot follow (every
     value of every round is checked there). ``observe(frame, record)`` sees each progress check.
     """
+
+    plugin_kind = "schedule"  # how the frame factory files it: measure_units, stopper_units or schedule_units
 
     @abstractmethod
     def at(self, frame: Any, round_index: int) -> dict[str, Any]:

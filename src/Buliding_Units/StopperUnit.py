@@ -35,6 +35,8 @@ class StopperUnit(ABC):
     Stoppers never touch the model; they cost nothing.
     """
 
+    plugin_kind = "stopper"  # how the frame factory files it: measure_units, stopper_units or schedule_units
+
     # class-level defaults, so a subclass whose __init__ does not call super().__init__() still works
     reason: str | None = None
     message: str | None = None
@@ -186,7 +188,7 @@ class BudgetStopper(StopperUnit):
 
     def check_round(self, frame: Any) -> bool:
         return self._spent({"samples": frame.samples, "steps": frame.steps,
-                            "seconds": time.perf_counter() - frame.start_time})
+                            "seconds": time.perf_counter() - frame.run.start_time})
 
 
 def stoppers_from_settings(H: Mapping[str, Any]) -> list[StopperUnit]:

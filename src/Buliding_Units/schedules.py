@@ -1,22 +1,23 @@
 """Applying schedules to a run: every schedule's changes for a round, merged and applied to a frame (settings,
 optimiser learning rates, a curriculum's pool), and the values a progress record carries. The schedules themselves
-are in ``ScheduleUnit.py``.
+are in ``ScheduleUnit.py``, imported only when a units file names one.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from src.Buliding_Units.ScheduleUnit import KEYS, ScheduleUnit
 from src.Data import PoolBatchStream
 
+KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
 
-def check_schedules(units: list[ScheduleUnit]) -> None:
+
+def check_schedules(units: list[Any]) -> None:
     """Refuse two schedules of one value (the later would silently override the earlier).
 
     Raises:
         ValueError: naming the value and the schedules.
     """
-    seen: dict[str, ScheduleUnit] = {}
+    seen: dict[str, Any] = {}
     for unit in units:
         key = getattr(unit, "controls", None)
         if key is not None and key in seen:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,9 +21,42 @@ import torch
 from torch import nn
 
 from src.Buliding_Units.measurement_schedule import measurement_due, measuring
-from src.Buliding_Units.Model_frames import COUNTERS, Frame
+from src.Buliding_Units.Model_frames import Frame
 from src.Buliding_Units.schedules import apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
+
+
+class EngineState:
+    """The hook of an engine that keeps state beyond the frame: set ``frame.engine`` with :func:`attach_engine`.
+
+    Override what applies: ``state_dict()`` is saved in every checkpoint and ``load_state_dict(state)`` gets it back
+    on resume; ``metrics()`` adds fields to every progress record; a multi-process engine's ``ranks_state()`` returns
+    the other ranks' block copies, optimisers and RNG (``{"copies", "block_optimizers", "rng"}``) for a checkpoint,
+    and ``ranks_memory()`` every rank's memory figures for the memory unit.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s result."""
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def ranks_state(self) -> dict[str, Any] | None:
+        return None
+
+    def ranks_memory(self) -> list[dict[str, Any]] | None:
+        return None
+
+
+def attach_engine(frame: Frame, engine: EngineState | None) -> None:
+    """Set (or with None, clear) ``frame.engine``; a resumed run hands the engine the state it saved."""
+    frame.engine = engine
+    saved = frame.run.resumed.get("engine")
+    if engine is not None and saved is not None:
+        engine.load_state_dict(saved)
 
 
 def active_blocks(round_index: int, n_blocks: int, share: float, seed: int) -> list[int]:
@@ -149,18 +183,18 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
     train, test = evaluate(frame, "train"), evaluate(frame, "test")
     busy = frame.timers["compute"] + frame.timers["communication"]
     record: dict[str, Any] = {
-        "round": frame.round, **{key: getattr(frame, key) for key in COUNTERS},
-        "wall_time": time.perf_counter() - frame.start_time, **train,
+        "round": frame.round, **asdict(frame.counters),
+        "wall_time": time.perf_counter() - frame.run.start_time, **train,
         **{f"test_{k}": v for k, v in test.items()},
         "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],
         "compute_time_share": frame.timers["compute"] / busy if busy else 1.0,
-        "deviation": deviation, "bytes_sent": frame.bytes_sent, "rounds_total": frame.H["rounds"],
-        **schedule_record(frame), **(frame.engine_metrics() if frame.engine_metrics is not None else {}),
+        "deviation": deviation, "rounds_total": frame.H["rounds"],
+        **schedule_record(frame), **(frame.engine.metrics() if frame.engine is not None else {}),
     }
     frame.history.append(record)
-    if frame.reporter is not None:
-        frame.reporter.log(format_progress(record))
-        frame.reporter.log_metrics(record)
+    if frame.run.reporter is not None:
+        frame.run.reporter.log(format_progress(record))
+        frame.run.reporter.log_metrics(record)
     frame.timers["logging"] += time.perf_counter() - t0
     return record
 
@@ -210,8 +244,8 @@ def check_stoppers(frame: Frame, record: dict[str, Any]) -> bool:
 def save_checkpoint(frame: Frame) -> None:
     """Write a checkpoint of the round just completed, counted in the ``checkpoint`` timer."""
     t0 = time.perf_counter()
-    path = frame.checkpointer.save(frame)
-    frame.checkpointed_round = frame.round
+    path = frame.run.checkpointer.save(frame)
+    frame.run.checkpointed_round = frame.round
     frame.timers["checkpoint"] = frame.timers.get("checkpoint", 0.0) + time.perf_counter() - t0
     frame.log(f"Checkpoint at round {frame.round}: {path}")
 
@@ -237,7 +271,7 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
     measurement schedule, both once more at the end; stoppers are asked after each progress check.
     """
     H = frame.H
-    frame.start_time = time.perf_counter() - frame.elapsed  # elapsed > 0 after a resume
+    frame.run.start_time = time.perf_counter() - frame.run.elapsed  # elapsed > 0 after a resume
     frame.center_model.train()
     deviation = 0.0
     first = schedule_changes(frame, 0) if frame.round == 0 else None  # the first record shows round 0's settings
@@ -268,11 +302,11 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
             run_measurements(frame)
         if progress is not None:
             progress(frame.round, H["rounds"])
-        if frame.checkpointer is not None and not stopped and (frame.interrupt is not None or (
+        if frame.run.checkpointer is not None and not stopped and (frame.run.interrupt is not None or (
                 due(frame.round, H.get("checkpoint_every", 0)) and frame.round < H["rounds"])):
             save_checkpoint(frame)  # an interrupted run checkpoints even its last round: nothing trained is lost
-        if frame.interrupt is not None:
-            raise KeyboardInterrupt(f"signal {frame.interrupt}")
+        if frame.run.interrupt is not None:
+            raise KeyboardInterrupt(f"signal {frame.run.interrupt}")
     if record is None or record["round"] != frame.round:
         stopped = check_stoppers(frame, log_progress(frame, deviation)) or stopped
     if measuring(H):

@@ -43,14 +43,14 @@ import torch.distributed as dist
 from src.blocks import block_tensors
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame
 from src.Buliding_Units.schedules import apply_changes
-from src.Buliding_Units.ScheduleUnit import KEYS
+from src.Buliding_Units.schedules import KEYS
 from src.Optimizer_Engines.parallel.async_book import StalenessBook
 from src.Optimizer_Engines.parallel.async_sim import (async_summary, check_async, draw_staleness, round_deviation,
                                                      squared_deviation)
 from src.Optimizer_Engines.parallel.async_transport import (AsyncPlan, header as _header, make_plan, prepare, recv_tensors,
                                                    send_tensors)
 from src.Optimizer_Engines.parallel.distributed_state import gather_states, to_cpu
-from src.Optimizer_Engines.loop import RoundBatches, count_step, sync, training_loop
+from src.Optimizer_Engines.loop import EngineState, RoundBatches, attach_engine, count_step, sync, training_loop
 from src.Optimizer_Engines.parallel.worker_pool import WorkerPool, loopback_only
 from src.Optimizer_Engines.parallel.worker_session import engine_processes
 from src.Optimizer_Engines.parallel.worker_plan import torchrun_env
@@ -143,8 +143,8 @@ def torchrun_worker(H: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # The server (rank 0)
 # --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Server:
+@dataclass(eq=False)
+class Server(EngineState):
     """Rank 0's state: the stale-synchronous book, each worker's next batch, pending schedule changes, timings."""
 
     frame: Disributed_frame
@@ -166,13 +166,13 @@ class Server:
             settings.update(order=frame.pool_order, pool_size=frame.pool_size)
         self.pending = [[to_cpu(settings)] for _ in range(n)]  # a (re)started worker gets every setting once
         self.round_dev: list[tuple[int, list[float]]] = []
-        if frame.restored_engine is not None:
-            state = frame.restored_engine
-            self.book = StalenessBook.from_state(state["book"])
-            self.book.read_at = [None] * n  # the checkpoint drained every update in flight
-            self.cursor, self.compute, self.wait = list(state["cursor"]), list(state["compute"]), list(state["wait"])
 
-    def state(self) -> dict[str, Any]:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.book = StalenessBook.from_state(state["book"])
+        self.book.read_at = [None] * self.book.n  # the checkpoint drained every update in flight
+        self.cursor, self.compute, self.wait = list(state["cursor"]), list(state["compute"]), list(state["wait"])
+
+    def state_dict(self) -> dict[str, Any]:
         return {"book": self.book.state_dict(), "cursor": list(self.cursor), "compute": list(self.compute),
                 "wait": list(self.wait)}
 
@@ -240,7 +240,7 @@ class Server:
         frame.timers["communication"] += max(0.0, time.perf_counter() - t0 - (max(self.compute) - busiest))
         return round_deviation(self.round_dev)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def ranks_state(self) -> dict[str, Any]:
         """A barrier: apply the updates in flight, then every worker hands its state over."""
         while self.book.in_flight():
             self.apply(self.receive())
@@ -283,12 +283,11 @@ def _start(frame: Frame, plan: AsyncPlan, pool: WorkerPool | None) -> None:
 def _serve_run(frame: Disributed_frame, plan: AsyncPlan, progress: Callable[[int, int], None] | None) -> Server:
     prepare(frame, plan, 0)
     server = Server(frame, plan)
-    frame.engine_state, frame.engine_metrics, frame.remote_state = server.state, server.metrics, \
-        server.checkpoint_state
+    attach_engine(frame, server)
     try:
         training_loop(frame, server.step, progress)
     finally:
-        frame.engine_state = frame.remote_state = None
+        attach_engine(frame, None)
     return server
 
 

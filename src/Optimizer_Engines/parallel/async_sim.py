@@ -34,7 +34,8 @@ import torch
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines.parallel.async_book import StalenessBook, assign_blocks, check_speeds
 from src.plots import pyplot, save_figure
-from src.Optimizer_Engines.loop import RoundBatches, count_step, local_steps, sync, training_loop
+from src.Optimizer_Engines.loop import (EngineState, RoundBatches, attach_engine, count_step, local_steps, sync,
+                                        training_loop)
 
 
 def check_async(frame: Frame) -> None:
@@ -94,7 +95,7 @@ def _pair(value: Fraction) -> list[int]:
     return [value.numerator, value.denominator]
 
 
-class Simulator:
+class Simulator(EngineState):
     """The simulator's state; ``step`` is one round of :func:`training_loop`."""
 
     def __init__(self, frame: Disributed_frame) -> None:
@@ -108,16 +109,14 @@ class Simulator:
         self.events: list[list[Any]] = []  # [time, tie-break draw, worker, K] of every update in flight
         self.ties = random.Random(H["seed"])
         self.round_dev: list[tuple[int, list[float]]] = []  # (block, squared-deviation terms) of the round's writes
-        if frame.restored_engine is not None:
-            self.load(frame.restored_engine)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.ties.getstate()
         return {"book": self.book.state_dict(), "clock": _pair(self.clock), "step_time": self.step_time,
                 "cursor": list(self.cursor), "events": [[_pair(t), d, w, k] for t, d, w, k in self.events],
                 "ties": [version, list(internal), gauss]}
 
-    def load(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.book = StalenessBook.from_state(state["book"])
         self.clock, self.step_time = Fraction(*state["clock"]), state["step_time"]
         self.cursor = list(state["cursor"])
@@ -201,11 +200,11 @@ def train_async_sequential(frame: Disributed_frame, progress: Callable[[int, int
     simulator = Simulator(frame)
     for replica in frame.distributed_models.values():
         replica.train()
-    frame.engine_state, frame.engine_metrics = simulator.state, simulator.metrics
+    attach_engine(frame, simulator)
     try:
         training_loop(frame, simulator.step, progress)
     finally:
-        frame.engine_state = None
+        attach_engine(frame, None)
     simulator.finish()
     draw_staleness(frame)
     frame.log(async_summary(simulator.book, frame.n_blocks) + f"; virtual time {float(simulator.clock):.4g} s "

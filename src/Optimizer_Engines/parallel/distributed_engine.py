@@ -54,7 +54,8 @@ from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_Mo
 from src.Buliding_Units.schedules import apply_changes
 from src.Optimizer_Engines.parallel.distributed_state import (CHECKPOINT, MEMORY, apply_handoff, broadcast_command,
                                                     gather_memory, gather_states, handoff)
-from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, round_batches, sync, training_loop
+from src.Optimizer_Engines.loop import (EngineState, active_blocks, attach_engine, count_step, local_steps,
+                                        round_batches, sync, training_loop)
 from src.Optimizer_Engines.parallel.worker_plan import (TorchrunEnv, WorkerPlan, gpu_count, plan_workers, torchrun_env,
                                                torchrun_plan)
 from src.Optimizer_Engines.parallel import worker_pool
@@ -319,19 +320,22 @@ def _train_rank0(frame: Disributed_frame, state: _Rank, progress: Callable[[int,
         broadcast_command(state.comm_device, round_index, frame.round_changes)
         return distributed_round(frame, state, round_index, started)
 
-    def remote_state() -> dict[str, Any]:
-        broadcast_command(state.comm_device, CHECKPOINT)
-        return gather_states(frame, 0, state.plan.n)
+    class Ranks(EngineState):
+        """Rank 0's view of the other ranks: their state for a checkpoint, their memory figures."""
 
-    def remote_memory() -> list[dict[str, Any]]:
-        broadcast_command(state.comm_device, MEMORY)
-        return gather_memory(frame, 0, state.plan.n, state.scratch)
+        def ranks_state(self) -> dict[str, Any]:
+            broadcast_command(state.comm_device, CHECKPOINT)
+            return gather_states(frame, 0, state.plan.n)
 
-    frame.remote_state, frame.remote_memory = remote_state, remote_memory
+        def ranks_memory(self) -> list[dict[str, Any]]:
+            broadcast_command(state.comm_device, MEMORY)
+            return gather_memory(frame, 0, state.plan.n, state.scratch)
+
+    attach_engine(frame, Ranks())
     try:
         training_loop(frame, step, progress)
     finally:
-        frame.remote_state = frame.remote_memory = None
+        attach_engine(frame, None)
     rounds = frame.round - rounds_before
     frame.log(f"Communication: {(frame.bytes_sent - bytes_before) / max(rounds, 1):.0f} bytes per round "
               f"(block payload x {state.plan.n - 1} receivers) over {rounds} rounds; compute "

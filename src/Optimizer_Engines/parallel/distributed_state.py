@@ -2,8 +2,8 @@
 
 Each rank owns the copies and optimisers of its blocks and its own RNG. For a checkpoint, rank 0 sends the
 CHECKPOINT command and every rank answers with :func:`local_state` through one ``gather_object``; rank 0 merges the
-answers into its checkpoint (``frame.remote_state``). The memory unit's ``MEMORY`` command gathers every rank's memory
-figures the same way (``frame.remote_memory``). On resume, rank 0 — whose frame was built with every copy and
+answers into its checkpoint (the engine's ``ranks_state``). The memory unit's ``MEMORY`` command gathers every rank's
+memory figures the same way (``ranks_memory``). On resume, rank 0 — whose frame was built with every copy and
 restored from the checkpoint — broadcasts :func:`handoff` once, before the first round, and every rank loads its
 own blocks and RNG with :func:`apply_handoff`. Tensors travel on the CPU (gloo and NCCL alike).
 """
@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.Buliding_Units.checkpoint import apply_copy_state, copy_differences, rng_state, set_rng_state
+from src.Runs.state import apply_copy_state, copy_differences, rng_state, set_rng_state
 from src.Buliding_Units.memory import process_memory
 from src.Buliding_Units.Model_frames import Disributed_frame
 
 CHECKPOINT = -2  # the command that asks every rank for its state
-MEMORY = -3  # the command that asks every rank for its memory figures (the memory unit's ``frame.remote_memory``)
+MEMORY = -3  # the command that asks every rank for its memory figures (the engine's ``ranks_memory``)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -78,10 +78,10 @@ def gather_memory(frame: Disributed_frame, rank: int, world_size: int, scratch: 
 
 def handoff(frame: Disributed_frame) -> dict[str, Any]:
     """On rank 0 after a resume, before its other copies are dropped: what every rank needs to continue."""
-    if frame.restored_rng is None:
+    if "rng" not in frame.run.resumed:
         return {}
     state = local_state(frame, 0)
-    state.update(rng=dict(frame.restored_rng), batch_cursor=frame.batch_cursor, pool_order=frame.pool_order)
+    state.update(rng=dict(frame.run.resumed["rng"]), batch_cursor=frame.batch_cursor, pool_order=frame.pool_order)
     return state
 
 

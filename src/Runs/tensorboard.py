@@ -17,8 +17,8 @@ shows every run of that output root. A fresh attempt moves an earlier folder of 
 (``<run id>.<n>``); a resumed run appends, and TensorBoard hides the interrupted attempt's events after the
 checkpoint (``purge_step``).
 
-Nothing here imports TensorBoard at import time: :func:`with_tensorboard` imports ``torch.utils.tensorboard`` only
-when the run asks for it.
+Nothing here imports TensorBoard at import time: :class:`TensorBoardLog` imports ``torch.utils.tensorboard``, and
+``dol1.py`` imports this module only when the run asks for it.
 """
 from __future__ import annotations
 
@@ -181,26 +181,6 @@ class TensorBoardLog:
         if self.progress is not None and hasattr(self.progress, "close"):
             self.progress.close()
         self.write_new()
-        if self.frame.interrupt is None:  # an interrupted run is resumed later: its end is not the run's end
+        if self.frame.run.interrupt is None:  # an interrupted run is resumed later: its end is not the run's end
             self.write_hparams()
         self.writer.close()
-
-
-def check_tensorboard(H: Mapping[str, Any]) -> None:
-    """Raises ConfigError when ``H['tensorboard']`` asks for TensorBoard and it is not installed (imports nothing)."""
-    from importlib.util import find_spec
-    if H.get("tensorboard", False) and find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard true needs the tensorboard package, which is not installed: python -m pip "
-                          "install tensorboard (pinned in requirements.txt), or run with --tensorboard false")
-
-
-def with_tensorboard(frame: Any, progress: Callable[[int, int], None] | None) -> Any:
-    """``progress`` itself when ``frame.H['tensorboard']`` is off (nothing imported, nothing written), else a
-    :class:`TensorBoardLog` that wraps it.
-
-    Raises:
-        ConfigError: TensorBoard is asked for but not installed.
-    """
-    if not frame.H.get("tensorboard", False):
-        return progress
-    return TensorBoardLog(frame, progress)

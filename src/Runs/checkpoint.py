@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from src.Buliding_Units.Model_frames import COUNTERS, Frame
+from src.Runs.state import apply_copy_state, copy_differences, rng_state, set_rng_state
 
 FORMAT = 1
 MAGIC = b"blockwise-checkpoint 1\n"
@@ -35,53 +34,17 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint: the message says what was found and why each file was refused."""
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random generators, as plain containers and tensors."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-def copy_differences(replica: nn.Module, centre: nn.Module) -> dict[str, torch.Tensor]:
-    """The state-dict entries of a block copy that differ from the centre's (cloned)."""
-    mine, theirs = replica.state_dict(), centre.state_dict()
-    return {k: v.detach().clone() for k, v in mine.items() if not torch.equal(v, theirs[k])}
-
-
-def apply_copy_state(replica: nn.Module, centre: nn.Module, differences: dict[str, torch.Tensor]) -> None:
-    """Make ``replica`` equal to ``centre`` except for ``differences`` (in place)."""
-    theirs = centre.state_dict()
-    with torch.no_grad():
-        for name, tensor in replica.state_dict().items():
-            tensor.copy_(differences.get(name, theirs[name]))
-
-
 def frame_state(frame: Frame) -> dict[str, Any]:
-    """The checkpoint payload of ``frame`` at a round boundary (the engine's ``remote_state`` adds other ranks')."""
+    """The checkpoint payload of ``frame`` at a round boundary (a multi-process engine's ``ranks_state`` adds the
+    other ranks' copies, optimisers and RNG)."""
     copies = getattr(frame, "distributed_models", {})
     # the other ranks' state first: an engine may finish work in flight there (the asynchronous server applies the
     # updates in flight), and everything below must describe the state after it
-    remote = frame.remote_state() if frame.remote_state is not None else None
+    remote = frame.engine.ranks_state() if frame.engine is not None else None
     state: dict[str, Any] = {
-        "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round,
-        **{key: getattr(frame, key) for key in COUNTERS}, "bytes_sent": frame.bytes_sent,
+        "format": FORMAT, "run_id": frame.run_id, "H": dict(frame.H), "round": frame.round, **asdict(frame.counters),
         "stop_reason": frame.stop_reason,
-        "elapsed": time.perf_counter() - frame.start_time, "timers": dict(frame.timers),
+        "elapsed": time.perf_counter() - frame.run.start_time, "timers": dict(frame.timers),
         "history": list(frame.history), "centre": frame.center_model.state_dict(),
         "optimizer": frame.optimizer.state_dict() if frame.optimizer is not None else None,
         "copies": {b: copy_differences(m, frame.center_model) for b, m in copies.items()},
@@ -91,7 +54,7 @@ def frame_state(frame: Frame) -> dict[str, Any]:
         "measurements": [u.state_dict() for u in frame.measure_units],
         "schedules": [u.state_dict() for u in frame.schedule_units],
         "batch_cursor": frame.batch_cursor, "current_lrs": list(frame.current_lrs), "pool_order": frame.pool_order,
-        "engine": frame.engine_state() if frame.engine_state is not None else None,
+        "engine": frame.engine.state_dict() if frame.engine is not None else None,
     }
     if remote is not None:
         for key in ("copies", "block_optimizers", "rng"):
@@ -102,7 +65,7 @@ def frame_state(frame: Frame) -> dict[str, Any]:
 def restore(frame: Frame, state: dict[str, Any]) -> None:
     """Put ``frame`` (freshly built with the same settings) in the state of the checkpoint, copies included.
 
-    The RNG states of all ranks stay in ``frame.restored_rng`` for a multi-process engine to hand out.
+    The RNG states of every rank and the engine's state wait in ``frame.run.resumed`` for the engine to take them.
     """
     frame.center_model.load_state_dict(state["centre"])
     if frame.optimizer is not None and state["optimizer"] is not None:
@@ -121,12 +84,11 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
     frame.pool_order, frame.pool_size = state["pool_order"], None  # the next round's schedule rebuilds the pool
     frame.round = state["round"]
     for key in COUNTERS:  # a checkpoint written before the sample-pass counters existed restarts those at 0
-        setattr(frame, key, state.get(key, 0))
-    frame.bytes_sent, frame.stop_reason, frame.elapsed = state["bytes_sent"], state["stop_reason"], state["elapsed"]
+        setattr(frame.counters, key, state.get(key, 0))
+    frame.stop_reason, frame.run.elapsed = state["stop_reason"], state["elapsed"]
     frame.timers.update(state["timers"])
     frame.history = list(state["history"])
-    frame.restored_rng = state["rng"]
-    frame.restored_engine = state.get("engine")
+    frame.run.resumed = {"rng": state["rng"], "engine": state.get("engine")}
     set_rng_state(state["rng"][0])
 
 
@@ -148,11 +110,15 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"round_{frame.round:08d}.pt"
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, a signal: no half-written file is left behind
+            tmp.unlink(missing_ok=True)
+            raise
         for old in sorted(self.files(), key=lambda p: p.stat().st_mtime, reverse=True)[self.keep:]:
             old.unlink(missing_ok=True)  # the oldest written go, whatever their names
         for stale in self.folder.glob("round_*.pt.tmp*"):  # a write cut short by a kill (the run lock is ours)
