@@ -1,18 +1,11 @@
-"""Where a run writes and what it writes: output paths, run ids, the report, its status file and metrics.
+"""Where a run writes and what it writes: output paths, the report, its status file, its metrics and its config.
 
-Files of a run under ``<output root>/reports/`` (the output root is ``--output_root``, default the project folder):
-
-* ``R<hash>.txt`` — the seed's human-readable report: ``Process ID``, ``Status``, ``Hyperparameters: {json}``,
-  ``Run info: {json}``, then ``[YYYY-MM-DD HH:MM:SS] message`` lines (progress lines among them);
-* ``R<hash>.status.json`` — the machine-readable status (``status``, ``detail``, ``pid``, ``attempt``, ``updated``),
-  rewritten atomically on every change; every reader (``read_report``, the sweeps) takes the status from here;
-
-``attempt`` (also the report's ``Attempt:`` line) is the token a sweep master gave this attempt in the environment
-variable :data:`ATTEMPT_ENV`, echoed back so that the master recognises its attempt whatever launched it (a local
-process, a SLURM job on another host: process ids do not identify those).
-* ``R<hash>.metrics.jsonl`` — one JSON record per progress check.
-
-Ground floor: imports nothing of the project.
+Files of run ``R<hash>`` under ``<output root>/reports/`` (``--output_root``, default the project folder):
+``R<hash>.txt`` — the seed's readable report: a header (``Process ID``, ``Status``, ``Attempt``,
+``Hyperparameters: {json}``, ``Run info: {json}``, …) then ``[YYYY-MM-DD HH:MM:SS] message`` lines;
+``R<hash>.status.json`` — the machine-readable status, rewritten atomically, which every reader takes the status
+from (``attempt`` is the token a sweep master gave this attempt in :data:`ATTEMPT_ENV`, echoed back);
+``R<hash>.metrics.jsonl`` — one JSON record per progress check; ``R<hash>.config.json`` — the resolved settings.
 """
 from __future__ import annotations
 
@@ -40,7 +33,7 @@ ATTEMPT_ENV = "DOL1_ATTEMPT"  # a sweep master's token for one attempt of a run,
 
 @dataclass(frozen=True)
 class Paths:
-    """Where a run writes: reports, figures and measurement logs, all under one root."""
+    """Where a run writes: reports, figures, measurement logs and checkpoints, all under one root."""
 
     root: Path = PROJECT_ROOT
 
@@ -62,32 +55,27 @@ class Paths:
         return self.root / "measurements"
 
     def report(self, run: str) -> Path:
-        """The human-readable report of run ``run``."""
         return self.reports / f"{run}.txt"
 
     def status(self, run: str) -> Path:
-        """The machine-readable status file of run ``run``."""
         return self.reports / f"{run}.status.json"
 
     def metrics(self, run: str) -> Path:
-        """The metrics file (JSON lines) of run ``run``."""
         return self.reports / f"{run}.metrics.jsonl"
 
     def config(self, run: str) -> Path:
-        """The resolved settings, units text and reproducibility record of run ``run``."""
         return self.reports / f"{run}.config.json"
 
     def model(self, run: str) -> Path:
-        """The centre model's ``state_dict`` at the end of run ``run``."""
+        """The centre model's ``state_dict`` at the end of the run."""
         return self.reports / f"{run}.model.pt"
 
     def checkpoints(self, run: str) -> Path:
-        """The checkpoint folder of run ``run``."""
         return self.root / "checkpoints" / run
 
     def check_writable(self) -> None:
-        """Check, creating nothing, that the output folders can be created and written: each one, or its deepest
-        existing ancestor, must be a folder in which a temporary file can be made.
+        """Check, creating nothing, that each output folder (or its deepest existing ancestor) is a folder in which
+        a temporary file can be made.
 
         Raises:
             ConfigError: the output root (or a folder on the way) is a file, or a folder cannot be written.
@@ -107,7 +95,7 @@ class Paths:
 
 
 def run_id(H: Mapping[str, Any]) -> str:
-    """``R`` + the first 8 hex digits of the md5 of ``H`` as sorted JSON: the report's and the sweep's run id."""
+    """``R`` + the first 8 hex digits of the md5 of ``H`` as sorted JSON."""
     return "R" + hashlib.md5(json.dumps(H, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -134,15 +122,14 @@ RUN_FILE_SUFFIXES = (".txt", ".status.json", ".metrics.jsonl", ".config.json", "
 
 
 def _archived(reports_dir: Path, run: str, suffix: str, n: int) -> Path:
-    """Where the n-th archived copy of a run file goes: ``R<hash>.<n>.txt``, ``R<hash>.metrics.<n>.jsonl``, …"""
+    """The n-th archived copy of a run file: ``R<hash>.<n>.txt``, ``R<hash>.metrics.<n>.jsonl``, …"""
     kind, _, ext = suffix[1:].rpartition(".")
     return reports_dir / (f"{run}.{kind}.{n}.{ext}" if kind else f"{run}.{n}.{ext}")
 
 
 def archive_run(reports_dir: Path, run: str) -> None:
-    """Move an earlier run's files aside together, with the first archive number n that is free for all of them:
-    its report, status and metrics files, and its figures (the training curve and the measurement figures'
-    folder, under the ``figures`` folder beside ``reports_dir``)."""
+    """Move an earlier run's files aside together, with the first archive number free for all of them: report,
+    status, metrics, config, model, training curve, measurement figures and checkpoints."""
     present = [s for s in RUN_FILE_SUFFIXES if (reports_dir / f"{run}{s}").exists()]
     if not present:
         return
@@ -157,30 +144,17 @@ def archive_run(reports_dir: Path, run: str) -> None:
         if curve.exists():
             curve.rename(curve.with_name(f"training_curve_{run}.{n}{suffix}"))
     for folder in (figures / "Measurements" / "Hessian_Measurement" / run, reports_dir.parent / "checkpoints" / run):
-        if folder.is_dir():  # the figures, and the checkpoints: a fresh attempt never resumes an archived one
+        if folder.is_dir():  # a fresh attempt never resumes an archived checkpoint
             folder.rename(folder.with_name(f"{run}.{n}"))
-
-
-def status_path(report: Path) -> Path:
-    """The status file that belongs to a report, current (``R<hash>.txt``) or archived (``R<hash>.<n>.txt``)."""
-    stem = report.name.removesuffix(".txt")
-    run, _, n = stem.rpartition(".")
-    if run and n.isdigit():
-        return report.with_name(f"{run}.status.{n}.json")
-    return report.with_name(f"{stem}.status.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; a tracker or status is for everyone
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes the file private; a tracker or status is for everyone
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True, default=str)
             f.flush()
@@ -209,17 +183,14 @@ def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
 
 
 def strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, ±inf) replaced by None, tensors and arrays as lists: strict JSON
-    readers reject NaN and Infinity, so the metric keeps its name and reads null."""
+    """``value`` with non-finite floats as None and tensors or arrays as lists (strict JSON has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
-    if hasattr(value, "tolist"):  # tensors, arrays, numpy scalars
-        return strict_json(value.tolist())
-    return value
+    return strict_json(value.tolist()) if hasattr(value, "tolist") else value
 
 
 def json_line(record: Mapping[str, Any]) -> str:
@@ -229,25 +200,21 @@ def json_line(record: Mapping[str, Any]) -> str:
 
 def format_progress(m: Mapping[str, Any]) -> str:
     """The report's readable progress line (the seed's ``Energy = …, Accuracy = …``, extended)."""
-    parts = [f"Energy = {m['loss']:.4g}"]
-    if "accuracy" in m:
-        parts.append(f"Accuracy = {m['accuracy']:.4f}")
-    parts.append(f"Test Loss = {m['test_loss']:.4g}")
-    if "test_accuracy" in m:
-        parts.append(f"Test Accuracy = {m['test_accuracy']:.4f}")
+    parts = [f"Energy = {m['loss']:.4g}"] + ([f"Accuracy = {m['accuracy']:.4f}"] if "accuracy" in m else [])
+    parts += [f"Test Loss = {m['test_loss']:.4g}"]
+    parts += [f"Test Accuracy = {m['test_accuracy']:.4f}"] if "test_accuracy" in m else []
     parts += [f"Steps = {m['steps']}", f"Samples = {m['samples']}"]
-    if "forward_sample_passes" in m:  # records written before the compute counters lack them
+    if "forward_sample_passes" in m:
         parts.append(f"BlockUpdates = {m['block_updates']}, SamplePasses = {m['forward_sample_passes']} forward"
                      f" / {m['backward_sample_passes']} backward")
-    parts += [f"Time = {m['wall_time']:.2f}",
-              f"ComputeTimeShare = {m['compute_time_share']:.2f}", f"Deviation = {m['deviation']:.4g}"]
+    parts += [f"Time = {m['wall_time']:.2f}", f"ComputeTimeShare = {m['compute_time_share']:.2f}",
+              f"Deviation = {m['deviation']:.4g}"]
     return f"Round {m['round']}: " + ", ".join(parts)
 
 
 def _replace_header(path: Path, values: Mapping[str, str]) -> None:
     """Rewrite the header lines ``Key: value`` named in ``values`` (first occurrence each), atomically."""
-    lines = path.read_text().splitlines(keepends=True)
-    todo = dict(values)
+    lines, todo = path.read_text().splitlines(keepends=True), dict(values)
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if key in todo:
@@ -255,15 +222,16 @@ def _replace_header(path: Path, values: Mapping[str, str]) -> None:
         if not todo:
             break
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(lines))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_status(reports_dir: Path, run: str, status: str, detail: str | None = None, pid: int | None = None,
                  attempt: str | None = None) -> None:
-    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line.
-
-    ``attempt`` is the sweep master's token of this attempt (None outside a sweep)."""
+    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line."""
     write_json_atomic(reports_dir / f"{run}.status.json", {
         "run_id": run, "status": status, "detail": detail, "pid": os.getpid() if pid is None else pid,
         "attempt": attempt, "updated": datetime.now().isoformat()})
@@ -282,14 +250,10 @@ def read_status(reports_dir: Path, run: str) -> dict[str, Any] | None:
 
 
 class Reporter:
-    """Run logger: the report ``R<hash>.txt``, its status file ``R<hash>.status.json`` and the metrics file.
+    """The run's logger: the report ``R<hash>.txt``, its status file and its metrics file.
 
-    Header lines of the report: ``Process ID``, ``Status`` (alive, then finished / stopped / failed / interrupted),
-    ``Attempt`` (the sweep's token of this attempt, ``-`` outside a sweep), ``Hyperparameters: {json}``,
-    ``Run info: {json}`` (torch version, device, git commit, plugins...), then any
-    ``extra_header`` lines (``Key: {json}``). A report of the same run id that already exists is renamed
-    ``R<hash>.<n>.txt`` first, together with its status and metrics files, so re-running never destroys an earlier
-    result — unless ``resume`` is set: then the existing report is continued (new process id, status alive).
+    A report of the same run id that exists already is moved aside first (``R<hash>.<n>.txt``, with the run's other
+    files), so re-running never destroys an earlier result — unless ``resume``: then it is continued.
 
     Args:
         H: the settings, written in the header.
@@ -298,8 +262,7 @@ class Reporter:
         run: the run id (default: ``run_id(H)``).
         resume: continue an existing report instead of archiving it.
         extra_header: more ``Key: {json}`` header lines for a new report.
-        attempt: the sweep master's token of this attempt (``dol1.py`` passes ``$DOL1_ATTEMPT``), written in the
-            status file and the report.
+        attempt: the sweep master's token of this attempt, written in the status file and the report.
     """
 
     STATUSES = ("alive", "finished", "stopped", "diverged", "failed", "interrupted")
@@ -307,15 +270,13 @@ class Reporter:
     def __init__(self, H: Mapping[str, Any], reports_dir: str | Path | None = None,
                  run_info: Mapping[str, Any] | None = None, *, run: str | None = None, resume: bool = False,
                  extra_header: Mapping[str, Any] | None = None, attempt: str | None = None):
-        self.H = dict(H)
-        self.attempt = attempt or None
+        self.H, self.attempt, self.status = dict(H), attempt or None, "alive"
         self.run_id = run or run_id(self.H)
         self.dir = Path(reports_dir) if reports_dir else Paths().reports
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"{self.run_id}.txt"
         self.status_path = self.dir / f"{self.run_id}.status.json"
         self.metrics_path = self.dir / f"{self.run_id}.metrics.jsonl"
-        self.status = "alive"
         if resume and self.path.exists():
             _replace_header(self.path, {"Process ID": str(os.getpid()), "Attempt": self.attempt or "-"})
         else:
@@ -331,17 +292,16 @@ class Reporter:
 
     def log(self, message: str) -> None:
         """Append ``[YYYY-MM-DD HH:MM:SS] message``."""
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         with open(self.path, "a") as f:
-            f.write(f"[{stamp}] {message}\n")
+            f.write(f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
 
     def log_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to the run's metrics file (flushed at once, for readers such as master.py)."""
+        """Append one JSON line to the metrics file (at once, for readers such as master.py)."""
         with open(self.metrics_path, "a") as f:
             f.write(json_line(record))
 
     def rewrite_metrics(self, history: list[Mapping[str, Any]]) -> None:
-        """Replace the metrics file by ``history`` (a resumed run drops what an interrupted attempt wrote after its
+        """Replace the metrics file by ``history`` (a resume drops what an interrupted attempt wrote after its
         checkpoint)."""
         tmp = self.metrics_path.with_name(self.metrics_path.name + f".tmp{os.getpid()}")
         tmp.write_text("".join(json_line(r) for r in history))
@@ -368,11 +328,35 @@ class Reporter:
         self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")
 
 
+def write_config(paths: Paths, run: str, H: Mapping[str, Any], units_text: str, record: Mapping[str, Any]) -> None:
+    """``R<hash>.config.json``: what ``dol1.py --settings_file`` needs to run the experiment again exactly."""
+    write_json_atomic(paths.config(run), {"run_id": run, "settings": dict(H), "units_text": units_text,
+                                          "identity_excludes_placement": True, "reproducibility": dict(record)})
+
+
+def recover_dead_holder(paths: Paths, run: str) -> str | None:
+    """Close the report of an earlier holder of this run that died without closing it (call with the run's lock
+    held); returns a sentence for the new report, or None when there was nothing to recover."""
+    state = read_status(paths.reports, run)
+    if state is None or state.get("status") != "alive" or state.get("pid") == os.getpid():
+        return None
+    detail = (f"died: process {state.get('pid')} ended without closing its report (SIGKILL, out of memory or "
+              f"power loss); found by the next run of {run}")
+    write_status(paths.reports, run, "failed", detail, pid=state.get("pid"), attempt=state.get("attempt"))
+    return f"The previous attempt (pid {state.get('pid')}) had died without closing its report: marked failed"
+
+
+def status_path(report: Path) -> Path:
+    """The status file of a report, current (``R<hash>.txt``) or archived (``R<hash>.<n>.txt``)."""
+    stem = report.name.removesuffix(".txt")
+    run, _, n = stem.rpartition(".")
+    return report.with_name(f"{run}.status.{n}.json" if run and n.isdigit() else f"{stem}.status.json")
+
+
 def process_alive(reports_dir: Path, run: str, pid: int) -> bool:
-    """Whether the process that wrote an ``alive`` status still runs: its run lock is held (by ``pid``), or — for
-    reports without a lock file — the pid exists."""
-    lock = reports_dir / f"{run}.lock"
-    if lock.exists():
+    """Whether the process that wrote an ``alive`` status still runs: its run lock is held, or (no lock file) the
+    pid exists."""
+    if (reports_dir / f"{run}.lock").exists():
         return lock_holder(reports_dir, run) is not None
     try:
         os.kill(pid, 0)
@@ -383,58 +367,33 @@ def process_alive(reports_dir: Path, run: str, pid: int) -> bool:
     return True
 
 
-def _header_value(lines: list[str], key: str) -> str | None:
-    prefix = f"{key}:"
-    return next((line[len(prefix):].strip() for line in lines if line.startswith(prefix)), None)
-
-
 def read_report(path: str | Path) -> dict[str, Any]:
     """A run's header and status: ``pid``, ``status``, ``status_detail``, ``attempt`` (the sweep's token, or None),
-    ``H`` (hyper-parameters), ``run_info``.
-
-    The status comes from the status file beside the report (``R<hash>.status.json``); the header lines are found
-    by their names, not their positions. A report without a status file (written by an older version) falls back
-    to its ``Status:`` line.
+    ``H``, ``run_info``, ``reproducibility``. The status comes from the status file beside the report (a report
+    without one falls back to its ``Status:`` line); ``alive`` with a dead process reads ``died``.
 
     Raises:
         OSError: the report cannot be read.
         ValueError: it is not a report (no ``Process ID`` or ``Hyperparameters`` line).
     """
     path = Path(path)
-    lines = path.read_text().splitlines()[:8]  # the header; messages follow
-    pid, hyper = _header_value(lines, "Process ID"), _header_value(lines, "Hyperparameters")
+    header: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in path.read_text().splitlines()[:8]):
+        header.setdefault(key, value.strip())
+    pid, hyper = header.get("Process ID"), header.get("Hyperparameters")
     if pid is None or hyper is None:
         raise ValueError(f"{path} is not a report (no 'Process ID' or 'Hyperparameters' line)")
-    info, record = _header_value(lines, "Run info"), _header_value(lines, "Reproducibility")
     try:
         state = json.loads(status_path(path).read_text())
         status, detail, attempt = state["status"], state.get("detail"), state.get("attempt")
         if not isinstance(status, str):
             raise TypeError(f"status {status!r} is not a string")
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # missing or damaged: the report's own line
-        name, _, rest = (_header_value(lines, "Status") or "unknown").partition(" (")
-        status, detail = name, rest.rstrip(")") or None
-        attempt = _header_value(lines, "Attempt")
+        name, _, rest = header.get("Status", "unknown").partition(" (")
+        status, detail, attempt = name, rest.rstrip(")") or None, header.get("Attempt")
     if status == "alive" and not process_alive(path.parent, path.name.removesuffix(".txt"), int(pid)):
         status, detail = "died", f"process {pid} is gone without closing its report (killed, out of memory, …)"
     return {"pid": int(pid), "status": status, "status_detail": detail, "H": json.loads(hyper),
             "attempt": attempt if attempt not in (None, "-") else None,
-            "run_info": json.loads(info) if info else {}, "reproducibility": json.loads(record) if record else {}}
-
-
-def write_config(paths: Paths, run: str, H: Mapping[str, Any], units_text: str, record: Mapping[str, Any]) -> None:
-    """``R<hash>.config.json``: what ``dol1.py --settings_file`` needs to run the experiment again exactly."""
-    write_json_atomic(paths.config(run), {"run_id": run, "settings": dict(H), "units_text": units_text,
-                                          "identity_excludes_placement": True, "reproducibility": dict(record)})
-
-
-def recover_dead_holder(paths: Paths, run: str) -> str | None:
-    """Close the report of an earlier holder of this run that died without closing it (call with the claim held);
-    returns a sentence for the new report, or None when there was nothing to recover."""
-    state = read_status(paths.reports, run)
-    if state is None or state.get("status") != "alive" or state.get("pid") == os.getpid():
-        return None
-    detail = (f"died: process {state.get('pid')} ended without closing its report (SIGKILL, out of memory or "
-              f"power loss); found by the next run of {run}")
-    write_status(paths.reports, run, "failed", detail, pid=state.get("pid"), attempt=state.get("attempt"))
-    return f"The previous attempt (pid {state.get('pid')}) had died without closing its report: marked failed"
+            "run_info": json.loads(header["Run info"]) if "Run info" in header else {},
+            "reproducibility": json.loads(header["Reproducibility"]) if "Reproducibility" in header else {}}

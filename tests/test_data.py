@@ -16,6 +16,7 @@ from src.Data import (DATASETS, REGRESSION_DATASETS, BatchStream, LinearRegressi
                       TensorBatchStream, epoch_permutation, generate_imagedata, generate_regressiondata,
                       load_data, stratified_subset)
 from src.Data import datasets as datasets_module
+from src.Data import decoded as decoded_module
 from src.Data import images as images_module
 
 TORCHVISION_SETS = ["mnist", "mini_mnist", "mnist_flat", "cifar10", "cifar100", "svhn", "imagenet"]
@@ -266,7 +267,7 @@ def test_mnist_from_idx_files(tmp_path):
 
 def test_mini_mnist_is_a_stratified_tensor_subset(tmp_path, monkeypatch):
     _write_mnist(tmp_path, n_train=60)
-    monkeypatch.setattr(images_module, "MINI_MNIST_SIZE", 20)
+    monkeypatch.setattr(decoded_module, "MINI_MNIST_SIZE", 20)
     data = load_data("mini_mnist", root=tmp_path, seed=1, num_workers=0)
     assert isinstance(data.train, TensorDataset) and data.train.tensors[0].shape == (20, 3, 32, 32)
     assert torch.bincount(data.train.tensors[1]).tolist() == [2] * 10 and len(data.test) == 12
@@ -294,8 +295,8 @@ def test_cifar_from_pickles(tmp_path, monkeypatch, name, folder, files, label_ke
     assert len(data.train) == 6 * (len(files) - 1)
     image, label = data.test[2]
     raw = torch.as_tensor(batches[files[-1]]["data"][2], dtype=torch.float32).view(3, 32, 32) / 255
-    mean, std = (torch.tensor(s).view(3, 1, 1) for s in (images_module.CIFAR10_STATS if classes == 10
-                                                         else images_module.CIFAR100_STATS))
+    mean, std = (torch.tensor(s).view(3, 1, 1) for s in (decoded_module.CIFAR10_STATS if classes == 10
+                                                         else decoded_module.CIFAR100_STATS))
     assert label == batches[files[-1]][label_key][2] and torch.allclose(image, (raw - mean) / std, atol=1e-5)
 
 

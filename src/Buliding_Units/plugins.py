@@ -1,6 +1,6 @@
 """The plugin registry and the ``Units.txt`` parser.
 
-A plugin is a concrete subclass of one of the plugin bases (:data:`PLUGIN_BASES`): a ``MeasurementUnit``, a
+A plugin is a concrete subclass of one of the plugin bases (:func:`plugin_bases`): a ``MeasurementUnit``, a
 ``ScheduleUnit`` or a ``StopperUnit``. Plugins defined in this package's plugin modules are known by their class name; any other is
 named by a dotted path ``package.module.Class``.
 
@@ -17,23 +17,28 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from src.Buliding_Units import MeasurementUnit as measurement_module
-from src.Buliding_Units import ScheduleUnit as schedule_module
-from src.Buliding_Units import StopperUnit as stopper_module
 from src.cli import ConfigError
 from src.reporting import PROJECT_ROOT
 
-PLUGIN_BASES: tuple[type, ...] = (measurement_module.MeasurementUnit, stopper_module.StopperUnit,
-                                  schedule_module.ScheduleUnit)
 DEFAULT_UNITS_FILE = PROJECT_ROOT / "measurements" / "Units.txt"
+PLUGIN_MODULES = ("MeasurementUnit", "StopperUnit", "ScheduleUnit")  # of this package, imported on first use
+
+
+def _modules() -> list[Any]:
+    return [importlib.import_module(f"src.Buliding_Units.{name}") for name in PLUGIN_MODULES]
+
+
+def plugin_bases() -> tuple[type, ...]:
+    """The plugin base classes: ``MeasurementUnit``, ``StopperUnit`` and ``ScheduleUnit``."""
+    return tuple(getattr(module, name) for module, name in zip(_modules(), PLUGIN_MODULES))
 
 
 def core_plugins() -> dict[str, type]:
     """The concrete plugin classes defined in the core plugin modules, by class name (no wing is imported)."""
-    found = {}
-    for module in (measurement_module, stopper_module, schedule_module):
+    found, bases = {}, plugin_bases()
+    for module in _modules():
         for name, cls in vars(module).items():
-            if inspect.isclass(cls) and issubclass(cls, PLUGIN_BASES) and not inspect.isabstract(cls) \
+            if inspect.isclass(cls) and issubclass(cls, bases) and not inspect.isabstract(cls) \
                     and cls.__module__ == module.__name__:
                 found[name] = cls
     return found
@@ -42,7 +47,7 @@ def core_plugins() -> dict[str, type]:
 def plugin_names() -> list[str]:
     """Every plugin known by its class name: the core's and the wings' (``MeasurementUnit.WING_UNITS``), importing
     no wing."""
-    return sorted({*core_plugins(), *measurement_module.WING_UNITS})
+    return sorted({*core_plugins(), *_modules()[0].WING_UNITS})
 
 
 def available_plugins() -> dict[str, type]:
@@ -74,10 +79,11 @@ def resolve_plugin(name: str, where: str = "Units.txt", plugins: dict[str, type]
             found = getattr(importlib.import_module(module_name), cls_name)
         except Exception as err:  # a missing module or name, or a module that raises while it is imported
             raise ConfigError(f"{where}: cannot import plugin {name!r}: {type(err).__name__}: {err}") from err
-        if not (inspect.isclass(found) and issubclass(found, PLUGIN_BASES)) or inspect.isabstract(found):
+        if not (inspect.isclass(found) and issubclass(found, plugin_bases())) or inspect.isabstract(found):
             raise ConfigError(f"{where}: {name!r} is not a plugin: a plugin is a concrete subclass of "
-                              f"{sorted(base.__name__ for base in PLUGIN_BASES)}")
+                              f"{sorted(base.__name__ for base in plugin_bases())}")
         return found
+    measurement_module = _modules()[0]
     if name in measurement_module.WING_UNITS:
         return getattr(measurement_module, name)  # imports its wing
     plugins = core_plugins() if plugins is None else plugins
@@ -149,7 +155,7 @@ def parse_units(text: str, source: str) -> list[Any]:
     Raises:
         ConfigError: as :func:`parse_measurement_units`.
     """
-    plugins = core_plugins()
+    plugins: dict[str, type] | None = None  # the plugin modules load with the first plugin line
     units, measured_at = [], {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -161,9 +167,10 @@ def parse_units(text: str, source: str) -> list[Any]:
         if not line[1:].split():
             raise ConfigError(f"{where}: a '-' line must name a plugin (e.g. '- Working_memory_usage')")
         name, *args = line[1:].split()
+        plugins = core_plugins() if plugins is None else plugins
         cls = resolve_plugin(name, where, plugins)
         kwargs = _arguments(cls, name, args, where)
-        if issubclass(cls, measurement_module.MeasurementUnit):  # its log and figures are named by class and run id
+        if cls.plugin_kind == "measure":  # its log and figures are named by class and run id
             if cls in measured_at:
                 raise ConfigError(f"{where}: {name} is listed twice (line {measured_at[cls]} too): a measurement "
                                   "unit's log and figures are named by its class and the run id, so two would "

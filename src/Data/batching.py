@@ -9,19 +9,16 @@ The contract the engines rely on (their equivalence tests compare runs batch by 
   ``k = t % batches_per_epoch``; the incomplete last batch is dropped, so
   ``batches_per_epoch = max(1, n // batch_size)``, and a batch size above ``n`` is clamped to ``n``.
 
-Two implementations deliver the same indices. ``TensorBatchStream`` indexes tensors that already
-live on the device (small data sets); ``LoaderBatchStream`` decodes samples through a ``DataLoader``
-whose batch sampler follows the permutation (large torchvision data sets).
+``TensorBatchStream`` indexes tensors that already live on the device (small data sets);
+``decoded.LoaderBatchStream`` delivers the same indices through a ``DataLoader`` (torchvision sets).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
 
 EPOCH_SEED_STRIDE = 1_000_003  # seed of epoch e is seed + EPOCH_SEED_STRIDE * e
 
@@ -119,100 +116,3 @@ class PoolBatchStream(BatchStream):
             self._device_perm = (epoch, self.pool[self.permutation(epoch).to(self.inputs.device)])
         idx = self._device_perm[1][k * self.batch_size:(k + 1) * self.batch_size]
         return self.inputs[idx], self.targets[idx]
-
-
-class _EpochBatchSampler:
-    """Batch sampler yielding the batches ``start..end`` of one epoch's permutation.
-
-    The stream changes ``perm``/``start`` and then restarts the loader's iterator; ``__iter__``
-    copies them first, so an iterator already handed out is not affected.
-    """
-
-    def __init__(self, batch_size: int, batches_per_epoch: int) -> None:
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.perm = torch.arange(0)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm, start, size = self.perm, self.start, self.batch_size
-        for k in range(start, self.batches_per_epoch):
-            yield perm[k * size:(k + 1) * size].tolist()
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start
-
-
-class LoaderBatchStream(BatchStream):
-    """Batches decoded by a ``DataLoader`` whose sampler follows the permutation rule.
-
-    Reading ``t, t + 1, ...`` in order keeps one loader iterator per epoch (workers persist across
-    epochs); asking for any other ``t`` restarts the iterator at that batch, which costs one
-    prefetch but gives the same batch as sequential reading. The loader is rebuilt lazily after
-    unpickling (the iterator and workers are not pickled).
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device,
-                 num_workers: int = 0) -> None:
-        super().__init__(len(dataset), batch_size, seed)
-        self.dataset = dataset
-        self.device = torch.device(device)
-        self.num_workers = num_workers
-        self._reset_loader()
-
-    def _reset_loader(self) -> None:
-        self._sampler = _EpochBatchSampler(self.batch_size, self.batches_per_epoch)
-        self._loader: DataLoader | None = None
-        self._iterator: Iterator | None = None
-        self._next_t: int | None = None  # the t that the live iterator yields next
-
-    def _seek(self, t: int) -> None:
-        epoch, k = self.position(t)
-        self._sampler.perm, self._sampler.start = self.permutation(epoch), k
-        if self._loader is None:
-            self._loader = DataLoader(
-                self.dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
-        self._iterator = iter(self._loader)
-        self._next_t = t
-
-    def __getitem__(self, t: int) -> tuple[Tensor, Tensor]:
-        t = operator.index(t)
-        if t != self._next_t:
-            self._seek(t)
-        inputs, targets = next(self._iterator)
-        # The iterator ends with the epoch; the next epoch needs a new permutation (a seek).
-        self._next_t = t + 1 if (t + 1) % self.batches_per_epoch else None
-        return _to_device(inputs, targets, self.device)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        for key in ("_sampler", "_loader", "_iterator", "_next_t"):
-            state.pop(key)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset_loader()
-
-
-def _to_device(inputs: Tensor, targets: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    non_blocking = device.type == "cuda"
-    return inputs.to(device, non_blocking=non_blocking), targets.to(device, non_blocking=non_blocking)
-
-
-def iterate_subset(dataset: Dataset, indices: Tensor, batch_size: int, device: torch.device,
-                   num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield the samples ``indices`` of a decoded data set in order, in chunks, on ``device``."""
-    device = torch.device(device)
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    for inputs, targets in loader:
-        yield _to_device(inputs, targets, device)
-
-
-def gather(dataset: Dataset, indices: Tensor, device: torch.device,
-           num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Return the samples ``indices`` of any map-style data set as two stacked tensors on ``device``."""
-    chunks = list(iterate_subset(dataset, indices, 1024, device, num_workers))
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

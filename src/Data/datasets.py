@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from .batching import BatchStream, LoaderBatchStream, TensorBatchStream, gather, iterate_subset
+from .batching import BatchStream, TensorBatchStream
 from .images import IMAGE_DATASETS, generate_imagedata
-from .regression import REGRESSION_DATASETS, generate_regressiondata
 
 EVAL_SEED_OFFSET = 4_242  # the eval subset of a split is seeded with load_data's seed + this
 EVAL_CACHE_BYTES = 256 * 2**20  # decoded eval subsets up to this size are kept on the device
@@ -40,12 +39,14 @@ class DatasetEntry:
 
 
 def _load_regression(name: str, root: str | Path | None, download: bool, seed: int):
-    return generate_regressiondata(name, seed)  # generated or bundled: no files, no download
+    from .regression import generate_regressiondata  # generated or bundled: no files, no download
+    return generate_regressiondata(name, seed)
 
 
+REGRESSION_NAMES = ("ones", "synthetic_regression", "diabetes")  # regression.py's REGRESSION_DATASETS
 DATASETS: dict[str, DatasetEntry] = {
     **{name: DatasetEntry("classification", partial(generate_imagedata, name)) for name in IMAGE_DATASETS},
-    **{name: DatasetEntry("regression", partial(_load_regression, name)) for name in REGRESSION_DATASETS},
+    **{name: DatasetEntry("regression", partial(_load_regression, name)) for name in REGRESSION_NAMES},
 }
 
 
@@ -78,6 +79,7 @@ class TaskData:
         """Return the training sequence: ``stream[t]`` is batch t of the order seeded by ``seed``."""
         if isinstance(self.train, TensorDataset):
             return TensorBatchStream(*self.train.tensors, batch_size, seed)
+        from .decoded import LoaderBatchStream  # a torchvision set, decoded by DataLoader workers
         return LoaderBatchStream(self.train, batch_size, seed, self.device, self.num_workers)
 
     def eval_indices(self, split: str, max_samples: int | None = None) -> Tensor:
@@ -105,6 +107,7 @@ class TaskData:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         dataset, indices = self._split(split), self.eval_indices(split, max_samples)
         if not isinstance(dataset, TensorDataset):
+            from .decoded import iterate_subset
             if len(indices) * dataset[0][0].nbytes > EVAL_CACHE_BYTES:
                 return iterate_subset(dataset, indices, batch_size, self.device, self.num_workers)
             dataset, indices = self._cached_eval_subset(split, dataset, indices), torch.arange(len(indices))
@@ -112,6 +115,7 @@ class TaskData:
 
     def _cached_eval_subset(self, split: str, dataset: Dataset, indices: Tensor) -> TensorDataset:
         # Every eval subset of a split is a prefix of the same order: keep the longest one read.
+        from .decoded import gather
         cached = self._eval_cache.get(split)
         if cached is None or len(cached) < len(indices):
             cached = self._eval_cache[split] = TensorDataset(
@@ -128,6 +132,7 @@ class TaskData:
             inputs, targets = dataset.tensors
             indices = indices.to(self.device)
             return inputs[indices], targets[indices]
+        from .decoded import gather
         return gather(dataset, indices, self.device, self.num_workers)
 
 

@@ -83,7 +83,7 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
     frame.batch_cursor, frame.current_lrs = state["batch_cursor"], list(state["current_lrs"])
     frame.pool_order, frame.pool_size = state["pool_order"], None  # the next round's schedule rebuilds the pool
     frame.round = state["round"]
-    for key in COUNTERS:  # a checkpoint written before the sample-pass counters existed restarts those at 0
+    for key in (*COUNTERS, "bytes_sent"):  # a checkpoint written before a counter existed restarts it at 0
         setattr(frame.counters, key, state.get(key, 0))
     frame.stop_reason, frame.run.elapsed = state["stop_reason"], state["elapsed"]
     frame.timers.update(state["timers"])
