@@ -13,6 +13,7 @@ stopper, 1 failed, 2 bad input (nothing written), 3 the same run is already runn
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -20,7 +21,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 if str(PROJECT_ROOT) not in sys.path:  # so that `python /elsewhere/dol1.py` finds `src`
@@ -93,8 +94,15 @@ def precheck(argv: Sequence[str]) -> None:
                     bare={"resume": "yes"})
 
 
+def _stopped_while_importing(signum: int, _frame: Any) -> None:
+    print(f"dol1.py: interrupted during start-up ({signal.Signals(signum).name}); nothing trained", file=sys.stderr)
+    os._exit(130)  # nothing is written before the imports end
+
+
 if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction of a second, not after torch's import
     precheck(sys.argv[1:])
+    for _sig in (signal.SIGINT, signal.SIGTERM):  # torch's import takes seconds: a stop meanwhile is a clean exit
+        signal.signal(_sig, _stopped_while_importing)
 
 # everything below imports torch
 from src.Architectures.Models import MODELS  # noqa: E402
@@ -226,14 +234,17 @@ def make_frame(H: dict[str, Any], spec: EngineSpec, units: tuple[str, str] | Non
     run.units_text = text
     frame = generate_ModelFrame(H, units=stoppers_from_settings(H) + parse_units(text, source), run=run,
                                 block_copies=spec.block_copies)
+    unit = None
     try:
         check_schedules(frame.schedule_units)
         for unit in frame.measure_units + frame.schedule_units:
             unit.prepare(frame)
+        unit = None
         if spec.check is not None:
             spec.check(frame)
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        where = getattr(unit, "units_line", None)
+        raise ConfigError(f"{where}: {type(unit).__name__}: {err}" if where else str(err)) from err
     return frame
 
 
@@ -287,9 +298,14 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
             resuming.restore_run(frame, payload)
             notes += resuming.resume_notes(frame, payload, record)
         n_params = sum(p.numel() for p in frame.center_model.parameters())
+        batch = frame.train_batches.batch_size  # a batch size above the training set is clamped to it
+        if batch != frame.H["batch_size"]:
+            notes.append(f"Warning: --batch_size {frame.H['batch_size']} is above the {batch} training samples: "
+                         f"every batch is the whole training set (effective batch size {batch})")
+            print(f"dol1.py: warning: {notes[-1][9:]}", file=sys.stderr)
         run.reporter = Reporter(H, run.paths.reports, run=run.id, resume=payload is not None, run_info={
             "device": str(frame.device), "n_blocks": frame.n_blocks, "n_parameters": n_params,
-            "batch_size": frame.H["batch_size"], "engine": spec.path,
+            "batch_size": batch, "engine": spec.path,
             "plugins": [repr(u) for u in frame.stopper_units] + ([repr(u) for u in frame.measure_units]
                                                                  if measuring(H) else []),
             **({"not_run": f"{len(frame.measure_units)} measurement unit(s): measurement_sampling_rate is 0 and "
@@ -301,7 +317,10 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
             from src.Runs.checkpoint import Checkpointer
             run.checkpointer = Checkpointer(run.paths.checkpoints(run.id))
         write_config(run.paths, run.id, H, text, record)
-    except BaseException:
+    except BaseException as err:
+        if run.reporter is not None:  # the report exists: it must not stay "alive"
+            run.reporter.finish("interrupted", "during start-up") if isinstance(err, KeyboardInterrupt) \
+                else run.reporter.fail(err)
         claim.release()
         raise
     for note in notes:
@@ -394,10 +413,41 @@ def measure_only(H: dict[str, Any]) -> Frame:
     return frame
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """SIGTERM and SIGINT raise KeyboardInterrupt while the run starts (``train`` then takes them over); the
+    previous handlers come back at the end (main thread only: elsewhere signals are left alone)."""
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    previous = {}
+    with contextlib.suppress(ValueError):
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame | None:
     """Run one experiment: resolve → open (claim, resume) → train; returns the trained Frame (None on a torchrun
     rank > 0). Bad input exits 2 and a live run 3, or they raise (ConfigError, RunLocked) with ``raise_errors``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    with _interrupts():
+        H, spec, frame, claim = _start(argv, raise_errors)
+        if claim is not None:
+            try:
+                return train(frame, spec)  # it takes the signals over for the run's closing
+            finally:
+                claim.release()
+    if spec.torchrun_worker is not None and not H["measure_only"]:
+        spec.torchrun_worker(H)  # a torchrun rank > 0 follows rank 0 and writes nothing
+    return frame
+
+
+def _start(argv: list[str], raise_errors: bool) -> tuple[dict[str, Any], EngineSpec, Frame | None, RunClaim | None]:
+    """Resolve and open the run (bad input exits 2, a live run 3, an interrupt 130); no claim: nothing to train
+    here (``--measure_only`` measured, or a torchrun rank > 0)."""
     try:
         H = resolve_config(argv, raise_errors)
         spec = resolve_engine(H["training_mode"])
@@ -406,11 +456,15 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
         if (note := device_note(H["cuda_core"])) is not None:
             print(f"dol1.py: warning: {note}", file=sys.stderr)
         if H["measure_only"]:
-            return measure_only(H)
+            return H, spec, measure_only(H), None
         if spec.torchrun_worker is not None and int(os.environ.get("RANK", "0")) > 0:
-            spec.torchrun_worker(H)  # a torchrun rank > 0 follows rank 0 and writes nothing
-            return None
-        frame, claim = open_run(H, spec, argv)
+            return H, spec, None, None
+        return (H, spec, *open_run(H, spec, argv))
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM before training: nothing was trained, nothing to resume
+        if raise_errors:
+            raise
+        print(f"dol1.py: interrupted during start-up ({err or 'SIGINT'}); nothing trained", file=sys.stderr)
+        raise SystemExit(130) from None
     except ConfigError as err:
         if raise_errors:
             raise
@@ -422,10 +476,6 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
         print(f"dol1.py: error: run {run_identity(H)} is already running (pid {err}); report: "
               f"{Paths.for_output_root(H['output_root']).report(run_identity(H))}", file=sys.stderr)
         raise SystemExit(3) from None
-    try:
-        return train(frame, spec)
-    finally:
-        claim.release()
 
 
 def load_run(*args: Any, **kwargs: Any) -> Any:

@@ -1,12 +1,11 @@
 """What identifies a run, what it takes to reproduce it, and the lock that makes a run id one live run.
 
 * **Identity.** A run id hashes the experiment — every setting that changes what is computed or recorded — and the
-  text of its units file, never where it runs: :data:`PLACEMENT_KEYS` (device, folders, worker count, checkpoint
-  cadence, resume and measure-only switches, the training curve's x-axis) are left out, so the same experiment on
-  another GPU or into another folder keeps its id, and an edited ``Units.txt`` gets a new one. Thread counts are
-  left out as well (the same experiment on another machine keeps its id) but recorded: a trajectory is
-  bit-reproducible only at the same threads, device and library versions. ``--tag`` enters the id, for deliberate
-  repeats.
+  text of its units file, never where it runs: :data:`PLACEMENT_KEYS` (device, folders, checkpoint cadence, resume
+  and measure-only switches, the training curve's x-axis; the worker count except in :data:`WORKER_MODES`) are left
+  out, so the same experiment on another GPU or into another folder keeps its id, and an edited ``Units.txt`` gets
+  a new one. Thread counts are left out as well but recorded: a trajectory is bit-reproducible only at the same
+  threads, device and library versions. ``--tag`` enters the id, for deliberate repeats.
 * **Record.** :func:`reproducibility_record`: argv, threads and the thread variables, host, Python / torch /
   torchvision / numpy versions, CUDA and cuDNN, git commit with a dirty flag and a hash of the diff.
 * **Claim.** :class:`RunClaim` holds an exclusive ``flock`` on ``reports/R<hash>.lock`` for the run's whole life;
@@ -35,8 +34,10 @@ import torch
 PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_workers", "checkpoint_every", "resume",
                   "settings_file", "measure_only", "plot_x",
                   "tensorboard")  # plot_x: how the curve is drawn, not what is computed
-# the asynchronous engines: there n_workers changes the algorithm (which blocks share a read), so it enters the id;
-# their own keys enter only their ids
+# n_workers changes what these engines measure (time and memory per worker; in the asynchronous ones also which blocks
+# share a read), so it enters their run ids; elsewhere it is unused. The asynchronous engines' own keys enter only
+# their ids.
+WORKER_MODES = ("blockwise", "async", "async_sequential")
 ASYNC_MODES = ("async", "async_sequential")
 ASYNC_KEYS = ("max_staleness", "worker_speeds", "step_time")
 RESUME_MODES = ("no", "yes", "auto")  # --resume: or a run id R<hash>
@@ -49,9 +50,9 @@ class RunLocked(RuntimeError):
 
 def identity(H: Mapping[str, Any], units_text: str) -> dict[str, Any]:
     """The settings a run id hashes: H without the placement keys, plus the units file's text."""
-    asynchronous = str(H.get("training_mode", "")) in ASYNC_MODES
-    kept = {k: v for k, v in H.items() if k not in PLACEMENT_KEYS or (asynchronous and k == "n_workers")}
-    if not asynchronous:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
+    mode = str(H.get("training_mode", ""))
+    kept = {k: v for k, v in H.items() if k not in PLACEMENT_KEYS or (mode in WORKER_MODES and k == "n_workers")}
+    if mode not in ASYNC_MODES:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
         kept = {k: v for k, v in kept.items() if k not in ASYNC_KEYS}
     return {**kept, "units_text": units_text}
 

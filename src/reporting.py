@@ -10,6 +10,7 @@ from (``attempt`` is the token a sweep master gave this attempt in :data:`ATTEMP
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -148,15 +149,16 @@ def archive_run(reports_dir: Path, run: str) -> None:
             folder.rename(folder.with_name(f"{run}.{n}"))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader in another process sees the old or the new file, never a partial one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader in another process sees the old or the new file, never a partial one; a
+    failed write leaves no temporary file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     try:
         mask = os.umask(0o022)
         os.umask(mask)
         os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes the file private; a tracker or status is for everyone
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -164,6 +166,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """:func:`write_text_atomic` of ``data`` as indented JSON."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
@@ -229,15 +236,38 @@ def _replace_header(path: Path, values: Mapping[str, str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+STATUS_BYTES = 2048  # a status file keeps this many bytes, so its last word can be rewritten on a full disk
+
+
 def write_status(reports_dir: Path, run: str, status: str, detail: str | None = None, pid: int | None = None,
                  attempt: str | None = None) -> None:
-    """Set a run's status: the status file first (atomically), then the report's ``Status:`` line."""
-    write_json_atomic(reports_dir / f"{run}.status.json", {
-        "run_id": run, "status": status, "detail": detail, "pid": os.getpid() if pid is None else pid,
-        "attempt": attempt, "updated": datetime.now().isoformat()})
+    """Set a run's status: the status file first, then the report's ``Status:`` line.
+
+    The status file is replaced atomically and padded to ``STATUS_BYTES``; when the disk is full it is rewritten in
+    place instead, in the blocks it already holds, so a failure for lack of space still says ``failed``.
+    """
+    path = reports_dir / f"{run}.status.json"
+    text = json.dumps({"run_id": run, "status": status, "detail": detail, "updated": datetime.now().isoformat(),
+                       "pid": os.getpid() if pid is None else pid, "attempt": attempt}, sort_keys=True, default=str)
+    text = text[:STATUS_BYTES - 1] if len(text) < STATUS_BYTES else json.dumps(
+        {"run_id": run, "status": status, "detail": str(detail)[:STATUS_BYTES // 2], "attempt": attempt})
+    padded = text.ljust(STATUS_BYTES - 1) + "\n"  # trailing spaces are valid JSON whitespace
+    try:
+        write_text_atomic(path, padded)
+    except OSError as err:
+        if err.errno != errno.ENOSPC or not path.exists() or path.stat().st_size < len(padded):
+            raise
+        with open(path, "r+") as f:  # no space for a new file: overwrite the old one's bytes
+            f.write(padded)
+            f.flush()
+            os.fsync(f.fileno())
     report = reports_dir / f"{run}.txt"
     if report.exists():
-        _replace_header(report, {"Status": status + (f" ({detail})" if detail else "")})
+        try:
+            _replace_header(report, {"Status": status + (f" ({detail})" if detail else "")})
+        except OSError as err:  # a full disk: the status file, which every reader takes, has it already
+            if err.errno != errno.ENOSPC:
+                raise
 
 
 def read_status(reports_dir: Path, run: str) -> dict[str, Any] | None:
@@ -303,9 +333,7 @@ class Reporter:
     def rewrite_metrics(self, history: list[Mapping[str, Any]]) -> None:
         """Replace the metrics file by ``history`` (a resume drops what an interrupted attempt wrote after its
         checkpoint)."""
-        tmp = self.metrics_path.with_name(self.metrics_path.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(json_line(r) for r in history))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(json_line(r) for r in history))
 
     def set_status(self, status: str, detail: str | None = None) -> None:
         """Record a new status: the status file, then the report's ``Status:`` line (both atomically replaced)."""
@@ -323,9 +351,18 @@ class Reporter:
     def fail(self, exc: BaseException, exit_code: int = 1) -> None:
         """Record a failure: the status first (a small atomic write, so that even on a full disk the report does not
         keep saying ``alive``), then the traceback."""
-        self.set_status("failed", f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
+        chain, no_space = exc, False
+        while chain is not None and not no_space:  # torch.save reports a full disk as a RuntimeError
+            no_space = getattr(chain, "errno", None) == errno.ENOSPC or "No space left on device" in str(chain)
+            chain = chain.__cause__ or chain.__context__
+        self.set_status("failed", "no space left on device" if no_space else
+                        f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")
+        try:
+            self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")
+        except OSError as err:  # the disk is full: the status says failed, the traceback does not fit
+            if err.errno != errno.ENOSPC:
+                raise
 
 
 def write_config(paths: Paths, run: str, H: Mapping[str, Any], units_text: str, record: Mapping[str, Any]) -> None:

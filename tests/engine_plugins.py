@@ -44,3 +44,18 @@ def train_readme_jacobi(frame, progress=None):
                    steps=len(blocks) * len(batches), new_samples=batches.samples)
         return frame.communicate(blocks)                  # deviation, damped gather, delay, scatter
     return training_loop(frame, step, progress)           # logging, measurements, stoppers, checkpoints
+
+
+# A user's schedule whose values turn bad only while training: the loop must stop the run, not train with them.
+from src.Buliding_Units.ScheduleUnit import ScheduleUnit  # noqa: E402
+
+
+class TurnsNegative(ScheduleUnit):
+    """Learning rate --step_size until round ``at``, then its negative."""
+
+    def __init__(self, at: int = 5) -> None:
+        self.turn = at
+
+    def at(self, frame, round_index):
+        sign = -1 if round_index >= self.turn else 1
+        return {"lr": [sign * frame.H["step_size"]] * frame.n_blocks}

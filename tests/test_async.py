@@ -235,13 +235,18 @@ def test_grouped_workers_with_a_random_model_are_jacobi_bit_for_bit():
     assert_bit_identical(jacobi, simulated)
 
 
-def test_n_workers_enters_the_id_of_asynchronous_runs_only():
+def test_n_workers_enters_the_id_of_multi_worker_runs_only():
+    """n_workers changes what the multi-worker engines measure (time and memory per worker): a sweep over it must
+    give distinct runs there; elsewhere it is unused and leaves the id alone. The asynchronous keys enter only the
+    asynchronous ids."""
     from src.records import experiment_id
     base = dol1.resolve_config(TINY + ["--training_mode", "async_sequential"])
     assert experiment_id({**base, "n_workers": 2}, "") != experiment_id(base, "")
     sync = dol1.resolve_config(TINY + ["--training_mode", "blockwise"])
-    assert experiment_id({**sync, "n_workers": 2}, "") == experiment_id(sync, "")
+    assert experiment_id({**sync, "n_workers": 2}, "") != experiment_id(sync, "")
     assert experiment_id({**sync, "max_staleness": 3, "worker_speeds": [1, 9]}, "") == experiment_id(sync, "")
+    single = dol1.resolve_config(TINY + ["--training_mode", "blockwise_sequential"])
+    assert experiment_id({**single, "n_workers": 2}, "") == experiment_id(single, "")
 
 
 def test_a_checkpoint_describes_the_state_after_the_remote_work():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.Buliding_Units.schedules import KEYS
+from src.Buliding_Units.schedules import KEYS, ScheduleError
 
 
 # schedulers that take other schedulers or a function as arguments: not expressible as key=value literals
@@ -67,6 +67,12 @@ class ScheduleUnit(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+def _check_lr(lr: float, round_index: int) -> float:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ScheduleError(f"the learning rate at round {round_index} would be {lr!r}; it must be finite and > 0")
+    return lr
 
 
 class LearningRateSchedule(ScheduleUnit):
@@ -127,10 +133,13 @@ class LearningRateSchedule(ScheduleUnit):
             raise ValueError(f"unknown monitor {self.monitor!r} for ReduceLROnPlateau; valid: {list(MONITORS)}")
         try:
             self._start(frame)
-            for r in range(frame.H["rounds"] + 1):
-                self._lr(r)
+            for r in range(frame.H["rounds"] + 1):  # every round the run can reach: a bad value is bad input
+                _check_lr(self._lr(r), r)
         except (TypeError, ValueError, ZeroDivisionError) as err:
             raise ValueError(f"LearningRateSchedule {self.scheduler}{self.kwargs}: {err}") from err
+        if self._plateau is not None and not 0 < self._plateau.factor < 1:
+            raise ValueError(f"LearningRateSchedule ReduceLROnPlateau: factor must be in (0, 1), got "
+                             f"{self._plateau.factor}")
         if self.block_lr_scale is not None:
             if not hasattr(frame, "distributed_models"):
                 raise ValueError("block_lr_scale needs a block-wise mode (one optimiser per block)")
@@ -139,7 +148,7 @@ class LearningRateSchedule(ScheduleUnit):
                                  f"{self.block_lr_scale}")
 
     def at(self, frame: Any, round_index: int) -> dict[str, Any]:
-        lr = self._lr(round_index)
+        lr = _check_lr(self._lr(round_index), round_index)  # ReduceLROnPlateau decides while the run goes on
         scale = self.block_lr_scale or [1.0] * frame.n_blocks
         return {"lr": [lr * s for s in scale]}
 
@@ -202,12 +211,12 @@ class ParameterSchedule(ScheduleUnit):
     def _cast(self, value: float, round_index: int) -> Any:
         kind, low, high = KEYS[self.key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"ParameterSchedule gives {self.key} = {value!r} at round {round_index}: not a number")
+            raise ScheduleError(f"ParameterSchedule gives {self.key} = {value!r} at round {round_index}: not a number")
         value = int(round(value)) if kind is int else float(value)
         ok = (value >= low if kind is int else value > low) and (high is None or value <= high)
         if not ok:
             bounds = f">= {low}" if kind is int else f"in ({low}, {high}]"
-            raise ValueError(f"ParameterSchedule gives {self.key} = {value:.6g} at round {round_index}, which must be "
+            raise ScheduleError(f"ParameterSchedule gives {self.key} = {value:.6g} at round {round_index}, which must be "
                              f"{bounds}")
         return value
 

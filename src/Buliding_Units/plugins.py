@@ -179,6 +179,7 @@ def parse_units(text: str, source: str) -> list[Any]:
             measured_at[cls] = number
         try:
             units.append(cls(**kwargs))
+            units[-1].units_line = where  # named in the messages of checks made later (``prepare``)
         except Exception as err:  # a plugin's constructor may fail in any way: name the line instead of a traceback
             raise ConfigError(f"{where}: {name}({', '.join(args)}) rejected its arguments: "
                               f"{type(err).__name__}: {err}") from err

@@ -4,11 +4,17 @@ are in ``ScheduleUnit.py``, imported only when a units file names one.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from src.Data import PoolBatchStream
 
 KEYS = {"K": (int, 1, None), "active_share": (float, 0.0, 1.0), "gamma": (float, 0.0, 1.0)}  # type, (low, high]
+
+
+class ScheduleError(ValueError):
+    """A schedule gives a value the run cannot use (a learning rate <= 0, K < 1, a share outside (0, 1]): before
+    training it is bad input (exit 2); found while training (ReduceLROnPlateau) it stops the run with the reason."""
 
 
 def check_schedules(units: list[Any]) -> None:
@@ -27,10 +33,23 @@ def check_schedules(units: list[Any]) -> None:
 
 
 def schedule_changes(frame: Any, round_index: int) -> dict[str, Any]:
-    """Every schedule's changes for the round, merged (a later schedule wins on the same key)."""
+    """Every schedule's changes for the round, merged (a later schedule wins on the same key).
+
+    Raises:
+        ScheduleError: a value the run cannot use (learning rates finite and > 0; K, active_share, gamma in range).
+    """
     changes: dict[str, Any] = {}
     for unit in frame.schedule_units:
         changes.update(unit.at(frame, round_index))
+    for lr in changes.get("lr", []):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ScheduleError(f"the learning rate at round {round_index} would be {lr!r}; it must be finite and > 0")
+    for key, (kind, low, high) in KEYS.items():
+        value = changes.get(key)
+        if value is not None and not (isinstance(value, kind) and (value >= low if kind is int else value > low)
+                                      and (high is None or value <= high)):
+            raise ScheduleError(f"{key} at round {round_index} would be {value!r}; valid: "
+                                f"{'>= ' + str(low) if kind is int else f'in ({low}, {high}]'}")
     return changes
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from src.Buliding_Units.measurement_schedule import measurement_due, measuring
 from src.Buliding_Units.Model_frames import Frame
-from src.Buliding_Units.schedules import apply_changes, schedule_changes, schedule_record
+from src.Buliding_Units.schedules import ScheduleError, apply_changes, schedule_changes, schedule_record
 from src.reporting import format_progress
 
 
@@ -285,8 +285,13 @@ def training_loop(frame: Frame, step: Callable[[Frame, int], float],
         run_measurements(frame)  # round 0: the model before training
     while not stopped and frame.round < H["rounds"]:
         t0 = time.perf_counter()
-        frame.round_changes = first if first is not None and frame.round == 0 else \
-            schedule_changes(frame, frame.round)  # a multi-process engine sends them on to every rank
+        try:
+            frame.round_changes = first if first is not None and frame.round == 0 else \
+                schedule_changes(frame, frame.round)  # a multi-process engine sends them on to every rank
+        except ScheduleError as err:  # a value that turned bad while training: stop, do not train with it
+            frame.stop_reason, frame.stop_kind = f"schedule: {err}", "schedule"
+            frame.log(f"Stopping: {frame.stop_reason}")
+            break
         apply_changes(frame, frame.round_changes)
         frame.timers["schedules"] = frame.timers.get("schedules", 0.0) + time.perf_counter() - t0
         deviation = step(frame, frame.round)

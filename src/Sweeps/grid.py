@@ -21,6 +21,11 @@ class SweepError(ConfigError):
     """Bad sweep input (grid, fixed settings, sweep file, tracker file): master.py exits with status 2."""
 
 
+MASTER_KEYS = {  # dol1.py keys the master sets itself, or cannot honour for a sweep
+    "resume": "master.py resumes every attempt from its checkpoint itself (resume=auto)",
+    "measure_only": "a sweep trains; measure a finished run with python dol1.py --measure_only R<hash>"}
+
+
 @dataclass
 class Run:
     """One run of a sweep: its overrides, the dol1.py arguments and the resolved configuration ``H``."""
@@ -121,16 +126,19 @@ def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable
             attempt continues from its checkpoint).
 
     Returns:
-        The runs in grid order, without duplicates (two grid points with the same H are one run).
+        The runs in grid order (a value listed twice is one run).
 
     Raises:
-        SweepError: an unknown key, or a value dol1.py rejects (its message, with the run's overrides).
+        SweepError: an unknown key, a key the master sets itself, a value dol1.py rejects (its message, with the
+            run's overrides), an output root that cannot be written, or two grid points that are one experiment.
     """
     for key in [*grid, *fixed]:
         if key not in valid_keys:
             close = difflib.get_close_matches(key, valid_keys, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise SweepError(f"unknown dol1.py key {key!r}.{hint} Valid: {sorted(valid_keys)}")
+        if key in MASTER_KEYS:
+            raise SweepError(f"{key!r} cannot be set in a sweep: {MASTER_KEYS[key]}")
     runs: dict[str, Run] = {}
     for point in itertools.product(*grid.values()):
         grid_values = dict(zip(grid, point))
@@ -141,6 +149,16 @@ def expand(grid: Mapping[str, list], fixed: Mapping[str, Any], resolve: Callable
             rid = identify(H)
         except ConfigError as err:
             raise SweepError(f"run {overrides}: {err}") from err
-        reports = Paths.for_output_root(H["output_root"]).reports if H["output_root"] else project_root / "reports"
-        runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, reports))
+        paths = Paths.for_output_root(H["output_root"]) if H["output_root"] else Paths(project_root)
+        try:
+            paths.check_writable()
+        except ConfigError as err:
+            raise SweepError(f"run {overrides}: {err}") from err
+        same = [k for k in grid if rid in runs and runs[rid].grid_values[k] != grid_values[k]]
+        if same:  # two grid points, one experiment: the sweep would silently run (and report) fewer runs
+            raise SweepError(f"the grid's points {runs[rid].grid_values} and {grid_values} are one run ({rid}): "
+                             f"{same} does not change the experiment for these settings (it says where or how a run "
+                             f"executes, or does not apply to --training_mode {H['training_mode']}). Put "
+                             f"{same[0]!r} in --fixed, or vary 'tag' with it (a linked grid)")
+        runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, paths.reports))  # a repeated value: one run
     return list(runs.values())

@@ -280,6 +280,10 @@ class Scheduler:
                 "started": None, "ended": None, "detail": None, "rounds_done": 0, "token": None, "job_id": None})
             entry.update(overrides=run.overrides, H=run.H, argv=run.argv, rounds_total=run.H["rounds"],
                          report=str(run.report), log=str(run.log))
+            if entry["status"] in ENDED and self._report_status(run) not in _DONE_ELSEWHERE:
+                # done, but not where this sweep asks for it (another --output_root) or its files are gone: an entry
+                # is done only for the files it points at, so the run is run again there
+                entry.update(status="pending", detail=f"its report was not found finished at {run.report}: run again")
             if entry["status"] in ENDED:
                 self.on_event("skip", run, entry)
                 continue
