@@ -48,9 +48,12 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 120,  # rounds to train (entire: one step per round; block-wise: K local steps per active block)
     "K": 1,  # local steps per block per round (block-wise modes)
     "block_update": "jacobi",  # jacobi (all blocks from the round's centre) | gauss_seidel (from the latest centre)
+    "block_order": "cyclic",  # which blocks, in which order: cyclic | reverse (BAdam-style turns) | random (seeded)
     "active_share": 1.0,  # share of blocks updated per round, in (0, 1]; a seeded random subset when < 1
     "gamma": 1.0,  # damping of the gather, in (0, 1]: centre <- centre + gamma*(update - centre)
-    "communication_delay": 0.0,  # seconds slept in every communication stage (simulated network)
+    "link_latency": 0.0,  # simulated network: seconds per message (latency + bytes / bandwidth; see docs/modes.md)
+    "link_bandwidth": 0.0,  # simulated network: bytes per second of a link (0 = infinite)
+    "communication_delay": 0.0,  # deprecated name of link_latency (seconds per message)
     "n_workers": 0,  # blockwise mode: worker processes (0 = one per block, capped at CPU cores or GPUs)
     "max_staleness": -1,  # async modes: bound s on how far a worker may run ahead (0 = synchronous, -1 = unbounded)
     "worker_speeds": [],  # async modes: relative time per local step, one per worker ([] = all 1.0)
@@ -66,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "output_root": "",  # folder that holds reports/, figures/, measurements/ ("" = the project folder)
     "tensorboard": False,  # also write TensorBoard event files to <output_root>/tensorboard/R<hash>/
     # --- stopping ---
+    "targets": {},  # record when each is first reached, e.g. {'test_accuracy': 0.95, 'loss': 0.1} (>= for accuracies)
     "early_stop_patience": 0,  # progress checks without improvement before stopping (0 = off)
     "early_stop_monitor": "test_loss",  # loss | accuracy | test_loss | test_accuracy
     "early_stop_min_delta": 0.0,  # an improvement must exceed this
@@ -115,6 +119,7 @@ from src.Buliding_Units.StopperUnit import stoppers_from_settings  # noqa: E402
 from src.Data import DATASETS  # noqa: E402
 from src.Optimizer_Engines import EngineSpec, resolve_engine, torchrun_world  # noqa: E402
 from src.Optimizer_Engines.BCD_engine import BLOCK_UPDATES  # noqa: E402
+from src.Optimizer_Engines.loop import BLOCK_ORDERS, TARGET_METRICS  # noqa: E402
 from src.plots import X_AXES, training_curve  # noqa: E402
 from src.records import RESUME_MODES, RunClaim, RunLocked, experiment_id, reproducibility_record  # noqa: E402
 from src.reporting import (ATTEMPT_ENV, Paths, Reporter, format_progress, recover_dead_holder,  # noqa: E402
@@ -123,15 +128,16 @@ from src.utils import deterministic_kept, set_deterministic  # noqa: E402
 
 import torch  # noqa: E402 - after the project's imports, which import it anyway
 
-CHOICES = {"block_update": tuple(BLOCK_UPDATES), "voting_method": ("average", "random"), "model": tuple(MODELS),
-           "dataset_name": tuple(DATASETS), "optimizer": tuple(OPTIMIZERS), "plot_x": tuple(X_AXES)}
+CHOICES = {"block_update": BLOCK_UPDATES, "block_order": BLOCK_ORDERS, "voting_method": ("average", "random"),
+           "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS, "plot_x": X_AXES}  # the tables, live
 AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0, "checkpoint_every": 0,
-            "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0}
+            "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0, "link_latency": 0, "link_bandwidth": 0}
 RANGES = {"step_size": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
           "active_share": (lambda v: 0 < v <= 1, "in (0, 1]"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"),
-          "communication_delay": (lambda v: v <= 3600, "seconds per round, at most 3600")}
+          "communication_delay": (lambda v: v <= 3600, "seconds per message, at most 3600"),
+          "link_latency": (lambda v: v <= 3600, "seconds per message, at most 3600")}
 
 
 def validate(H: dict[str, Any]) -> EngineSpec:
@@ -161,6 +167,14 @@ def validate(H: dict[str, Any]) -> EngineSpec:
     check(H["target_value"] is None or not H["target_monitor"].endswith("accuracy") or 0 <= H["target_value"] <= 1,
           f"--target_value {H['target_value']} for the accuracy monitor --target_monitor {H['target_monitor']} "
           f"must be in [0, 1]")
+    check(not (H["link_latency"] and H["communication_delay"]), "--communication_delay is the deprecated name of "
+          "--link_latency: give one of them")
+    check(isinstance(H["targets"], dict) and all(k in TARGET_METRICS and isinstance(v, (int, float))
+                                                 and not isinstance(v, bool) and math.isfinite(v)
+                                                 and (not k.endswith("accuracy") or 0 <= v <= 1)
+                                                 for k, v in H["targets"].items()),
+          f"--targets must map metrics {list(TARGET_METRICS)} to finite numbers (accuracies in [0, 1]), got "
+          f"{H['targets']!r}; e.g. \"{{'test_accuracy': 0.95, 'loss': 0.1}}\"")
     check(H["cuda_core"] >= -1, f"--cuda_core must be a GPU index >= 0, or -1 for the CPU; got {H['cuda_core']}")
     check(isinstance(H["worker_speeds"], list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in H["worker_speeds"]),
@@ -274,6 +288,20 @@ class _Progress:
             self(self.frame.round, self.frame.H["rounds"])
 
 
+def load_note(H: dict[str, Any], n_blocks: int) -> str | None:
+    """A sentence when the run starts on a loaded machine: a load average above the cores, or more processes than
+    cores (a multi-process engine's workers, and the asynchronous server): its timings then measure the contention."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = H["n_workers"] or n_blocks
+    processes = {"blockwise": min(workers, cores) if not H["n_workers"] else workers, "async": workers + 1}.get(
+        H["training_mode"], 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if processes <= cores and load <= cores:
+        return None
+    why = f"{processes} processes on {cores} cores" if processes > cores else f"load average {load:.1f} on {cores} cores"
+    return f"{why}: time measurements (wall, compute, communication) include the contention"
+
+
 def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[Frame, RunClaim]:
     """Claim the run id, close a dead predecessor's report, find what to resume, build the frame, open the report.
 
@@ -298,6 +326,9 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
             resuming.restore_run(frame, payload)
             notes += resuming.resume_notes(frame, payload, record)
         n_params = sum(p.numel() for p in frame.center_model.parameters())
+        if (note := load_note(H, frame.n_blocks)) is not None:
+            notes.append(f"Warning: {note}")
+            print(f"dol1.py: warning: {note}", flush=True)
         batch = frame.train_batches.batch_size  # a batch size above the training set is clamped to it
         if batch != frame.H["batch_size"]:
             notes.append(f"Warning: --batch_size {frame.H['batch_size']} is above the {batch} training samples: "

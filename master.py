@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--grid", help="JSON object: dol1.py key -> list of values")
     parser.add_argument("--fixed", help="JSON object: dol1.py key -> value for every run")
-    parser.add_argument("--sweep", help='JSON file {"grid": {...}, "fixed": {...}} (--grid/--fixed override it)')
+    parser.add_argument("--sweep", help='JSON file {"grid": {...}, "fixed": {...}, "zip": [...], "summary": {...}} '
+                                        '(--grid/--fixed/--zip override it; its relative paths are the file\'s)')
+    parser.add_argument("--zip", help='JSON list of settings blocks that vary together, crossed with the grid: '
+                                      '[{"model": "mlp", "config": [64]}, {"model": "cnn", "config": [16]}]')
     parser.add_argument("--tracker", default=str(PROJECT_ROOT / "progress_tracker.json"), help="progress tracker")
     parser.add_argument("--runs_per_gpu", type=int, default=1, help="runs packed on each GPU")
     parser.add_argument("--cpu_slots", type=int, default=max(1, available_cpus() // 2),
@@ -84,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll_interval", type=float, default=0.5, help="seconds between checks of the runs")
     parser.add_argument("--dry_run", action="store_true", help="print the runs and the device plan, start nothing")
     parser.add_argument("--plot_x", default="samples", choices=list(X_AXES),
-                        help="x-axis of the sweep figure and of the equal budget for the best step size")
+                        help="x-axis of the training-loss figure and of the equal budget for the best step size")
+    parser.add_argument("--x", choices=list(X_AXES), help="x-axis of the summary's curves (default: the sweep "
+                        "file's summary.x, else --plot_x)")
+    parser.add_argument("--y", help="the quantity the summary draws and tabulates: any progress or measurement field "
+                        "(test_accuracy, coupling_max, total_MB, staleness_max, bytes_sent, …; default: the sweep "
+                        "file's summary.y, else loss)")
     parser.add_argument("--summarize", metavar="TRACKER",
                         help="rebuild the table, CSVs and figure of the sweep(s) in TRACKER; runs nothing")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
@@ -258,14 +266,17 @@ def _fail(message: str, status: int) -> None:
     raise SystemExit(status)
 
 
-def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[str, Any], str, list[sw.Slot]]:
+def plan(args: argparse.Namespace) -> tuple[list[sw.Run], sw.Spec, str, list[sw.Slot]]:
     """Check the command line and expand the sweep; exits 2 on bad input, before anything starts."""
     check_limits(args)
     try:
-        grid, fixed = sw.load_spec(args.grid, args.fixed, args.sweep)
-        if not grid and not fixed:
+        spec = sw.load_spec(args.grid, args.fixed, args.sweep, args.zip)
+        if not spec.grid and not spec.fixed and not spec.linked:
             raise sw.SweepError("nothing to sweep: give --grid and/or --fixed, or --sweep FILE")
-        runs = sw.expand(grid, fixed, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT, dol1.run_identity,
+        if spec.summary.get("x") is not None and spec.summary["x"] not in X_AXES:
+            raise sw.SweepError(f"the sweep file's summary.x {spec.summary['x']!r} is not valid; valid: "
+                                f"{sorted(X_AXES)}")
+        runs = sw.expand(spec, None, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT, dol1.run_identity,
                          always={"resume": "auto"})
         sw.read_tracker(Path(args.tracker))  # a broken tracker is bad input too, found before anything starts
         args.job_options = None if args.launcher == "local" else _job_options(args, runs)
@@ -276,17 +287,18 @@ def plan(args: argparse.Namespace) -> tuple[list[sw.Run], dict[str, list], dict[
                                   available_cpus(), args.gpus_per_run, args.cpus_per_run)
     except (ConfigError, ValueError) as err:  # SweepError is a ConfigError
         _fail(str(err), 2)
-    return runs, grid, fixed, sw.sweep_hash(grid, fixed), slots
+    return runs, spec, sw.sweep_hash(spec.grid, spec.fixed, spec.linked), slots
 
 
-def execute(args: argparse.Namespace, runs: list[sw.Run], grid: dict[str, list], fixed: dict[str, Any],
-            sweep_id: str, slots: list[sw.Slot]) -> sw.Scheduler:
+def execute(args: argparse.Namespace, runs: list[sw.Run], spec: sw.Spec, sweep_id: str,
+            slots: list[sw.Slot]) -> sw.Scheduler:
     """Run the sweep under the tracker's lock, with Ctrl-C / SIGTERM turned into a graceful stop."""
     tracker = Path(args.tracker).resolve()
     tracker.parent.mkdir(parents=True, exist_ok=True)
     try:
         with sw.tracker_lock(tracker):
-            scheduler = sw.Scheduler(runs, slots, tracker, {"id": sweep_id, "grid": grid, "fixed": fixed},
+            scheduler = sw.Scheduler(runs, slots, tracker, {"id": sweep_id, "grid": spec.grid, "fixed": spec.fixed,
+                                                            **({"zip": spec.linked} if spec.linked else {})},
                                      dol1=PROJECT_ROOT / "dol1.py", python=sys.executable,
                                      max_attempts=args.max_attempts, grace=args.grace,
                                      poll_interval=args.poll_interval, launcher=make_launcher(args),
@@ -311,10 +323,10 @@ def execute(args: argparse.Namespace, runs: list[sw.Run], grid: dict[str, list],
 
 
 def show_summary(runs: list[sw.Run], entries: dict[str, Any], grid: dict[str, list], fixed: dict[str, Any],
-                 sweep_id: str, plot_x: str) -> None:
+                 sweep_id: str, plot_x: str, y: str = "loss") -> None:
     """Write the end-of-sweep files and print the table, the warnings and the file names."""
     root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
-    summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x)
+    summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x, y)
     print(summary.text, end="")
     print(f"summary: {summary.markdown}\ncsv: {summary.csv}"
           + (f"\nseeds csv: {summary.seeds_csv}" if summary.seeds_csv else "")
@@ -324,7 +336,8 @@ def show_summary(runs: list[sw.Run], entries: dict[str, Any], grid: dict[str, li
 def summarize(args: argparse.Namespace) -> None:
     """``--summarize TRACKER``: the summary of every sweep the tracker holds, from its runs' files; exits 2 on a
     missing or invalid tracker or when other sweep flags are given too."""
-    given = [f"--{k}" for k in ("grid", "fixed", "sweep") if getattr(args, k)] + (["--dry_run"] if args.dry_run else [])
+    given = [f"--{k}" for k in ("grid", "fixed", "sweep", "zip") if getattr(args, k)] + \
+        (["--dry_run"] if args.dry_run else [])
     if given:
         _fail(f"--summarize rebuilds a finished sweep from its tracker alone; drop {', '.join(given)}", 2)
     tracker = Path(args.summarize)
@@ -333,10 +346,19 @@ def summarize(args: argparse.Namespace) -> None:
               f"file given to --tracker)", 2)
     try:
         sweeps = sw.sweeps_in_tracker(sw.read_tracker(tracker))
+        if args.y is not None:
+            sw.check_y(args.y, [run for runs, *_ in sweeps.values() for run in runs])
     except sw.SweepError as err:
         _fail(f"--summarize: {err}", 2)
     for sweep_id, (runs, entries, grid, fixed) in sweeps.items():
-        show_summary(runs, entries, grid, fixed, sweep_id, args.plot_x)
+        show_summary(runs, entries, grid, fixed, sweep_id, args.x or args.plot_x, args.y or "loss")
+    if len(sweeps) > 1:  # several specs of one tracker: also one table of all their runs
+        runs = list({r.run_id: r for runs, *_ in sweeps.values() for r in runs}.values())
+        entries = {k: v for _, e, *_ in sweeps.values() for k, v in e.items()}
+        grid = {k: v for *_, g, _ in sweeps.values() for k, v in g.items()}
+        fixed = {k: v for *_, f in sweeps.values() for k, v in f.items() if k not in grid}
+        show_summary(runs, entries, grid, fixed, "S" + sw.sweep_hash(grid, {"sweeps": sorted(sweeps)})[1:] + "_all",
+                     args.x or args.plot_x, args.y or "loss")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summarize is not None:
         summarize(args)
         return 0
-    runs, grid, fixed, sweep_id, slots = plan(args)
+    runs, spec, sweep_id, slots = plan(args)
     if args.dry_run:
         _dry_run(runs, slots, Path(args.tracker).resolve(), sweep_id)
         if args.launcher == "slurm":
@@ -353,8 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.job_options, _submitit_root(args) / runs[0].run_id, runs[0].run_id, PROJECT_ROOT,
                 python=sys.executable))
         return 0
-    scheduler = execute(args, runs, grid, fixed, sweep_id, slots)
-    show_summary(runs, scheduler.data["runs"], grid, fixed, sweep_id, args.plot_x)
+    scheduler = execute(args, runs, spec, sweep_id, slots)
+    show_summary(runs, scheduler.data["runs"], spec.varied, spec.fixed, sweep_id,
+                 args.x or spec.summary.get("x") or args.plot_x, args.y or spec.summary.get("y") or "loss")
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)

@@ -23,6 +23,11 @@ def block_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for _, t in named_block_tensors(module)]
 
 
+def block_bytes(module: nn.Module) -> int:
+    """Bytes of a block's parameters and buffers: what a message carrying the block sends."""
+    return sum(t.numel() * t.element_size() for t in block_tensors(module))
+
+
 def _copy_state(src: nn.Module, dst: nn.Module, what: str) -> None:
     src_state, dst_state = dict(named_block_tensors(src)), dict(named_block_tensors(dst))
     if src_state.keys() != dst_state.keys():

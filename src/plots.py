@@ -19,8 +19,8 @@ def pyplot():
 SCHEDULED = ("lr", "K", "active_share", "gamma", "pool_size")  # values a schedule can change during a run
 
 X_AXES = {"samples": "training samples", "round": "round", "steps": "optimiser steps",
-          "forward_sample_passes": "forward sample-passes", "wall_time": "wall time (s)",
-          "virtual_time": "virtual time (s, async_sequential)"}
+          "forward_sample_passes": "forward sample-passes", "train_time": "training time (s)",
+          "wall_time": "wall time (s)", "virtual_time": "virtual time (s, async_sequential)"}
 """The x-axes a training curve or a sweep figure can take (a metrics-record key -> axis label); the first is the
 default. Rounds are fair only between runs of one mode and one K: a block-wise round with K = 5 draws 5 times the
 samples of one with K = 1 (README: compute counters). ``virtual_time`` exists only in the simulator's records
@@ -51,15 +51,15 @@ def scheduled_series(history: Sequence[dict[str, Any]], x: str = "round") -> dic
 def curve_panels(history: Sequence[dict[str, Any]], x: str = "samples") -> list[dict[str, Any]]:
     """The data behind :func:`training_curve`: one panel per (metric, x-axis), in drawing order (row by row).
 
-    Each panel: ``metric``, ``x`` (the record key on its x-axis: ``x`` on the left, wall time on the right, or the
-    round when ``x`` is the wall time), ``series`` (label -> (x values, y values), as logged; records without the
-    x key, e.g. written before that counter existed, are left out).
+    Each panel: ``metric``, ``x`` (the record key on its x-axis: ``x`` on the left, the training time — compute and
+    communication, without evaluation and measurement — on the right, or the round when ``x`` is the training
+    time), ``series`` (label -> (x values, y values), as logged; records without the x key are left out).
     """
     check_x_axis(x)
     metrics = [m for m in ("loss", "accuracy") if history and m in history[0]]
     panels = []
     for metric in metrics:
-        for xkey in (x, "wall_time" if x != "wall_time" else "round"):
+        for xkey in (x, "train_time" if x != "train_time" else "round"):
             shown = [h for h in history if h.get(xkey) is not None]
             panels.append({"metric": metric, "x": xkey, "series": {
                 f"{split}{metric}": ([h[xkey] for h in shown], [h[f"{prefix}{metric}"] for h in shown])
@@ -70,8 +70,9 @@ def curve_panels(history: Sequence[dict[str, Any]], x: str = "samples") -> list[
 def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "",
                    x: str = "samples") -> list[Path]:
     """Loss and accuracy (train and test) against ``x`` (a key of :data:`X_AXES`, default the training samples)
-    and against wall time, and a row with the values that schedules changed (learning rate; K, active_share, gamma,
-    pool size); writes ``path`` (.pdf and .png). :func:`curve_panels` gives the plotted data.
+    and against training time, and a row with the values that schedules changed (the learning rate; K,
+    active_share, gamma, pool size relative to their largest), only the panels that have data; writes ``path``
+    (.pdf and .png). :func:`curve_panels` gives the plotted data.
 
     Returns the files written: none when ``history`` is empty (an engine that logged no progress).
 
@@ -83,6 +84,8 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
         return []
     plt = pyplot()
     schedules = scheduled_series(history, x)
+    lr = {k: v for k, v in schedules.items() if k == "lr"}
+    others = {k: v for k, v in schedules.items() if k != "lr"}
     rows = len(panels) // 2 + (1 if schedules else 0)
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.2 * rows), squeeze=False)
     for i, panel in enumerate(panels):
@@ -96,29 +99,48 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path, title: s
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    if schedules:
-        _schedule_row(axes[-1], schedules, X_AXES[x])
+    for ax, group, label in zip(axes[-1] if schedules else [], [g for g in (lr, others) if g],
+                                ["learning rate" if lr else "value / its maximum", "value / its maximum"]):
+        for key, (xs, values) in group.items():
+            if key == "lr":
+                ax.plot(xs, values, label="learning rate (first block)")
+            else:
+                top = max(abs(v) for v in values) or 1.0
+                ax.step(xs, [v / top for v in values], where="post", label=f"{key} / {top:g}")
+        ax.set(xlabel=X_AXES[x], ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if schedules and not (lr and others):  # one schedule panel: no empty one beside it
+        fig.delaxes(axes[-1][1])
+    for ax in fig.axes:
+        readable_ticks(ax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def _schedule_row(axes: Any, schedules: dict[str, tuple[list, list[float]]], xlabel: str) -> None:
-    """Left: the learning rate; right: the other scheduled values, each relative to its largest."""
-    left, right = axes
-    if "lr" in schedules:
-        left.plot(*schedules["lr"], label="learning rate (first block)")
-    for key, (xs, values) in schedules.items():
-        if key != "lr":
-            top = max(abs(v) for v in values) or 1.0
-            right.step(xs, [v / top for v in values], where="post", label=f"{key} / {top:g}")
-    for ax, label in ((left, "learning rate"), (right, "value / its maximum")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
+def readable_ticks(ax: Any) -> None:
+    """At most five x ticks, large numbers with a shared power of ten (1e4) instead of long labels that collide."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    if ax.get_xscale() == "linear":
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        formatter = ScalarFormatter(useMathText=True)
+        formatter.set_powerlimits((-3, 4))
+        ax.xaxis.set_major_formatter(formatter)
+
+
+def overlapping_tick_labels(fig: Any) -> list[str]:
+    """The x tick labels of ``fig`` that overlap a neighbour once drawn (for tests of every figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)  # a closed figure too
+    canvas.draw()
+    renderer, found = canvas.get_renderer(), []
+    for ax in fig.axes:
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.get_xticklabels()
+                 if t.get_visible() and t.get_text()]
+        found += [f"{a} / {b}" for (a, box_a), (b, box_b) in zip(boxes, boxes[1:]) if box_a.overlaps(box_b)]
+    return found
 
 
 def save_figure(fig: Any, path: str | Path) -> list[Path]:

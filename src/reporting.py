@@ -355,8 +355,8 @@ class Reporter:
         while chain is not None and not no_space:  # torch.save reports a full disk as a RuntimeError
             no_space = getattr(chain, "errno", None) == errno.ENOSPC or "No space left on device" in str(chain)
             chain = chain.__cause__ or chain.__context__
-        self.set_status("failed", "no space left on device" if no_space else
-                        f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0])
+        detail = f"exit code {exit_code}: {type(exc).__name__}: {exc}".splitlines()[0]
+        self.set_status("failed", f"no space left on device ({detail})" if no_space else detail)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             self.log(f"Failed with exit code {exit_code}:\n{tb.rstrip()}")

@@ -36,7 +36,8 @@ from src.Optimizer_Engines.loop import active_blocks, count_step, local_steps, r
 def train_readme_jacobi(frame, progress=None):
     """The README's example engine: Jacobi rounds from the loop's helpers."""
     def step(frame, round_index):                         # one round; returns the deviation it measured
-        blocks = active_blocks(round_index, frame.n_blocks, frame.H["active_share"], frame.H["seed"])
+        blocks = active_blocks(round_index, frame.n_blocks, frame.H["active_share"], frame.H["seed"],
+                               frame.H["block_order"])
         batches = round_batches(frame, round_index)       # batches r·K … r·K+K−1 of the seeded order
         for b in blocks:
             local_steps(frame.distributed_models[b], frame.block_optimizers[b], frame.criterion, batches)
@@ -59,3 +60,18 @@ class TurnsNegative(ScheduleUnit):
     def at(self, frame, round_index):
         sign = -1 if round_index >= self.turn else 1
         return {"lr": [sign * frame.H["step_size"]] * frame.n_blocks}
+
+
+from src.Buliding_Units.MeasurementUnit import MeasurementUnit  # noqa: E402
+
+
+class SlowUnit(MeasurementUnit):
+    """A measurement that only takes time (``seconds``), to show what measuring does to the clocks."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def measure(self, frame):
+        import time
+        time.sleep(self.seconds)
+        return {"slept": self.seconds}

@@ -16,7 +16,8 @@ from src.cli import ConfigError, settings_argv
 ROOT = Path(dol1.__file__).resolve().parent
 SETTINGS = dict(model="mlp", config=[16], dataset_name="digits_flat", training_mode="entire", rounds=8,
                 report_sampling_rate=4, measurement_sampling_rate=0, batch_size=32, cuda_core=-1, step_size=0.02)
-TIMINGS = ("wall_time", "compute_time", "communication_time", "compute_time_share")
+TIMINGS = ("wall_time", "compute_time", "communication_time", "compute_time_share", "train_time", "measure_time",
+           "eval_time")
 
 
 def without_timings(records):

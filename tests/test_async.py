@@ -109,10 +109,11 @@ def traced(frame):
 
 
 def test_simulator_follows_the_hand_computed_schedule():
-    """3 blocks, speeds [1, 2, 3], step_time 1, K 1, delay 0.125: durations 1.125, 2.125, 3.125 (no ties)."""
+    """3 blocks, speeds [1, 2, 3], step_time 1, K 1, link latency 0.0625 per message (two per update: the centre
+    out, the blocks back): durations 1.125, 2.125, 3.125 (no ties)."""
     frame = frame_for(*TINY[:-6], "--K", "1", "--rounds", "3", "--config", "[8, 8]", "--training_mode",
                       "async_sequential", "--worker_speeds", "[1, 2, 3]", "--step_time", "1",
-                      "--communication_delay", "0.125")
+                      "--link_latency", "0.0625")
     trace = traced(frame)
     # unbounded: worker 0 writes at 1.125, 2.25, 3.375, 4.5, 5.625; worker 1 at 2.125, 4.25; worker 2 at 3.125, 6.25
     assert [(t, w) for t, w, _ in trace] == [(1.125, 0), (2.125, 1), (2.25, 0), (3.125, 2), (3.375, 0), (4.25, 1),
@@ -145,9 +146,9 @@ def test_simulator_matches_a_brute_force_reference_and_respects_the_bound(bound)
     speeds = [1, 2.5, 4.25]
     frame = frame_for(*TINY[:-6], "--K", "1", "--rounds", "6", "--config", "[8, 8]", "--training_mode",
                       "async_sequential", "--worker_speeds", str(speeds), "--step_time", "1",
-                      "--communication_delay", "0.0625", "--max_staleness", str(bound))
+                      "--link_latency", "0.03125", "--max_staleness", str(bound))
     trace = traced(frame)
-    expected = reference_schedule(speeds, bound, 0.0625, 18)
+    expected = reference_schedule(speeds, bound, 2 * 0.03125, 18)  # two messages per update
     assert [(w, s) for _, w, s in trace] == [(w, s) for _, w, s in expected]
     assert [t for t, _, _ in trace] == pytest.approx([t for t, _, _ in expected])
     record = frame.history[-1]
@@ -203,7 +204,8 @@ def test_simulator_resumes_exactly_after_an_interrupt(tmp_path):
 
     def history(root):
         (path,) = (root / "reports").glob("R*.metrics.jsonl")
-        wall = {"wall_time", "compute_time", "communication_time", "compute_time_share"}
+        wall = {"wall_time", "compute_time", "communication_time", "compute_time_share", "train_time", "measure_time",
+                "eval_time"}
         return [{k: v for k, v in json.loads(line).items() if k not in wall} for line in path.read_text().splitlines()]
     cut = history(tmp_path / "cut")
     assert cut == history(tmp_path / "whole") and cut[5]["updates_in_flight"] > 0

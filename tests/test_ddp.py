@@ -62,7 +62,8 @@ def test_world_size_one_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")  # `torchrun --nproc_per_node 1`
     single = dol1.main(args + ["--output_root", str(tmp_path / "torchrun1")])
     assert not dist.is_initialized()
-    timing = ("wall_time", "compute_time", "communication_time", "compute_time_share")
+    timing = ("wall_time", "compute_time", "communication_time", "compute_time_share", "train_time", "measure_time",
+              "eval_time")
     assert [{k: v for k, v in r.items() if k not in timing} for r in single.history] == \
         [{k: v for k, v in r.items() if k not in timing} for r in plain.history]
     assert "Data parallel" not in single.reporter.path.read_text()

@@ -112,9 +112,9 @@ def test_active_share_updates_only_the_drawn_blocks():
 
 
 def test_active_blocks_is_seeded_and_varies():
-    draws = {tuple(active_blocks(r, 10, 0.3, seed=1)) for r in range(20)}
+    draws = {tuple(active_blocks(r, 10, 0.3, seed=1, order="random")) for r in range(20)}
     assert len(draws) > 5 and all(len(d) == 3 for d in draws)
-    assert active_blocks(4, 10, 0.3, 1) == active_blocks(4, 10, 0.3, 1)
+    assert active_blocks(4, 10, 0.3, 1, "random") == active_blocks(4, 10, 0.3, 1, "random")
     assert active_blocks(0, 5, 1.0, 0) == [0, 1, 2, 3, 4]
 
 

@@ -34,7 +34,8 @@ ENGINES = {"entire": ["--training_mode", "entire"],
            # the real asynchronous engine is deterministic (and so exactly resumable) only when synchronous
            "async_synchronous": ["--training_mode", "async", "--max_staleness", "0", "--n_workers", "2", "--K", "2",
                                  "--gamma", "0.7"]}
-TIMING = {"wall_time", "compute_time", "communication_time", "compute_time_share", "worker_compute_time",
+TIMING = {"wall_time", "compute_time", "communication_time", "compute_time_share", "train_time", "measure_time",
+          "eval_time", "worker_compute_time",
           "worker_wait_time",  # timings, and what depends on the order in which a round's writes arrive:
           "worker_staleness_mean", "worker_staleness_max"}
 

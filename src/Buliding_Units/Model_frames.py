@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from src.Architectures.Models import build_model
-from src.blocks import block_tensors
+from src.blocks import block_bytes, block_tensors
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
 from src.Optimizer_Engines import ENGINES
@@ -69,10 +69,22 @@ class Counters:
     block_updates: int = 0  # block-sized updates of the centre: B per entire-model step, 1 per block per round
     forward_sample_passes: int = 0  # samples pushed through a forward pass of the model
     backward_sample_passes: int = 0  # samples pushed back through a backward pass
-    bytes_sent: int = 0  # bytes moved between processes (multi-process engines)
+    bytes_sent: int = 0  # bytes that crossed the (simulated) network: each message's size times its receivers
+    messages: int = 0  # messages sent (a broadcast to n receivers is one message)
+    link_time: float = 0.0  # seconds the link model charged: latency + size / bandwidth per message
+    worker_messages: list[int] = field(default_factory=list)  # per worker (a rank, or a block in one process)
+    worker_bytes: list[int] = field(default_factory=list)
 
 
-COUNTERS = tuple(f.name for f in fields(Counters))[:5]  # the compute counters (bytes_sent is communication)
+COUNTERS = tuple(f.name for f in fields(Counters))[:5]  # the compute counters; the rest is communication
+
+
+def link_seconds(H: Mapping[str, Any], nbytes: float) -> float:
+    """The simulated network's time for one message of ``nbytes``: ``link_latency + nbytes / link_bandwidth``
+    (bandwidth 0 = infinite; ``communication_delay`` is the deprecated name of the latency)."""
+    latency = H.get("link_latency", 0.0) or H.get("communication_delay", 0.0)
+    bandwidth = H.get("link_bandwidth", 0.0)
+    return latency + (nbytes / bandwidth if bandwidth > 0 else 0.0)
 
 
 @dataclass(eq=False)
@@ -167,6 +179,19 @@ class Frame:
         if self.run.reporter is not None:
             self.run.reporter.log(message)
 
+    def send(self, worker: int, nbytes: int, receivers: int = 1) -> float:
+        """Count one message of ``nbytes`` sent by (or to) ``worker`` for ``receivers``; returns its time on the
+        simulated link (the caller sleeps it, or adds it to virtual time)."""
+        c = self.counters
+        for counts in (c.worker_messages, c.worker_bytes):
+            counts.extend([0] * (worker + 1 - len(counts)))
+        c.worker_messages[worker] += 1
+        c.worker_bytes[worker] += nbytes * receivers
+        c.messages, c.bytes_sent = c.messages + 1, c.bytes_sent + nbytes * receivers
+        seconds = link_seconds(self.H, nbytes)
+        c.link_time += seconds
+        return seconds
+
 
 class ImageClassifier_frame_entire(Frame):
     """Whole-model training of a classifier (cross-entropy, accuracy reported)."""
@@ -233,13 +258,18 @@ class Disributed_frame(Frame):
                         dst.copy_(src)
 
     def communicate(self, blocks: Iterable[int]) -> float:
-        """The communication stage: deviation, gather ``blocks`` into the centre, delay, scatter. Returns deviation."""
+        """The communication stage: deviation, gather ``blocks`` into the centre, the link's time, scatter.
+
+        As if each block were its own worker: each active block's new values are one message to the B − 1 others,
+        sent one after another; their time on the link model is slept and counted as communication. Returns the
+        deviation (measured before the gather)."""
         blocks = list(blocks)
         dev = self.deviation(blocks)
         for b in blocks:
             self.gather_block(b)
-        if self.H.get("communication_delay", 0):
-            time.sleep(self.H["communication_delay"])
+        link = sum(self.send(b, block_bytes(self.center_model.blocks[b]), self.n_blocks - 1) for b in blocks)
+        if link > 0:
+            time.sleep(link)
         self.scatter(blocks)
         return dev
 

@@ -133,7 +133,7 @@ class LearningRateSchedule(ScheduleUnit):
             raise ValueError(f"unknown monitor {self.monitor!r} for ReduceLROnPlateau; valid: {list(MONITORS)}")
         try:
             self._start(frame)
-            for r in range(frame.H["rounds"] + 1):  # every round the run can reach: a bad value is bad input
+            for r in range(frame.H["rounds"]):  # every round the run trains: a bad value is bad input
                 _check_lr(self._lr(r), r)
         except (TypeError, ValueError, ZeroDivisionError) as err:
             raise ValueError(f"LearningRateSchedule {self.scheduler}{self.kwargs}: {err}") from err

@@ -17,6 +17,7 @@ import math
 import time
 from typing import Callable
 
+from src.blocks import block_bytes
 from src.Buliding_Units.Model_frames import Disributed_frame, Frame
 from src.Optimizer_Engines import ENGINES, load_path, torchrun_world
 from src.Optimizer_Engines.loop import (RoundBatches, active_blocks, count_step, local_steps, round_batches, sync,
@@ -50,11 +51,11 @@ def gauss_seidel_update(frame: Disributed_frame, blocks: list[int], batches: Bat
         t1 = time.perf_counter()
         dev = math.hypot(dev, frame.deviation([b]))
         frame.gather_block(b)
+        link = frame.send(b, block_bytes(frame.center_model.blocks[b]), frame.n_blocks - 1)  # to every other block
+        if link > 0:
+            time.sleep(link)
         frame.timers["compute"] += t1 - t0
         frame.timers["communication"] += time.perf_counter() - t1
-    if frame.H.get("communication_delay", 0):
-        time.sleep(frame.H["communication_delay"])
-        frame.timers["communication"] += frame.H["communication_delay"]
     return dev
 
 
@@ -67,7 +68,7 @@ BLOCK_UPDATES: dict[str, Callable[[Disributed_frame, list[int], Batches], float]
 def blockwise_round(frame: Disributed_frame, round_index: int) -> float:
     """One round of the sequential block-wise algorithm; returns the deviation measured before the gather."""
     H = frame.H
-    blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"])
+    blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"], H["block_order"])
     batches = round_batches(frame, round_index)
     dev = BLOCK_UPDATES[H["block_update"]](frame, blocks, batches)
     count_step(frame, batches.stream.batch_size, len(blocks), steps=len(blocks) * H["K"],

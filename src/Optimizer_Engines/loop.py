@@ -59,16 +59,25 @@ def attach_engine(frame: Frame, engine: EngineState | None) -> None:
         engine.load_state_dict(saved)
 
 
-def active_blocks(round_index: int, n_blocks: int, share: float, seed: int) -> list[int]:
-    """The blocks updated in a round: all for share = 1, else a seeded random subset of ceil(share·B) blocks.
+BLOCK_ORDERS = ("cyclic", "reverse", "random")
 
-    A pure function of its arguments, so every worker of the multi-process engine picks the same subset.
+
+def active_blocks(round_index: int, n_blocks: int, share: float, seed: int, order: str = "cyclic") -> list[int]:
+    """The blocks updated in a round, in the order they are visited (Gauss–Seidel takes them in this order).
+
+    ``ceil(share·B)`` blocks: ``cyclic`` continues through 0, 1, …, B−1, 0, … from round to round (all blocks in
+    ascending order at share 1; one block per round at share 1/B, BAdam's ascending order); ``reverse`` the same
+    descending; ``random`` a seeded draw re-drawn each round, visited in a seeded random order. A pure function of
+    its arguments, so every worker of a multi-process engine and a resumed run pick the same blocks.
     """
-    if share >= 1.0:
-        return list(range(n_blocks))
-    count = max(1, math.ceil(share * n_blocks))
-    rng = np.random.default_rng([seed, round_index])
-    return sorted(rng.choice(n_blocks, size=count, replace=False).tolist())
+    count = max(1, min(n_blocks, math.ceil(share * n_blocks)))
+    if order == "random":
+        rng = np.random.default_rng([seed, round_index])
+        return rng.choice(n_blocks, size=count, replace=False).tolist() if count < n_blocks else \
+            rng.permutation(n_blocks).tolist()
+    cyclic = [(round_index * count + i) % n_blocks for i in range(count)] if count < n_blocks else \
+        list(range(n_blocks))
+    return cyclic if order == "cyclic" else [n_blocks - 1 - b for b in cyclic]
 
 
 ROUND_CACHE_BYTES = 64 * 2**20  # a round keeps the batches it fetched up to this size; beyond, it fetches again
@@ -184,19 +193,41 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
     busy = frame.timers["compute"] + frame.timers["communication"]
     record: dict[str, Any] = {
         "round": frame.round, **asdict(frame.counters),
-        "wall_time": time.perf_counter() - frame.run.start_time, **train,
+        "wall_time": time.perf_counter() - frame.run.start_time, "train_time": busy,
+        "measure_time": frame.timers["measurement"], "eval_time": frame.timers["logging"], **train,
         **{f"test_{k}": v for k, v in test.items()},
         "compute_time": frame.timers["compute"], "communication_time": frame.timers["communication"],
         "compute_time_share": frame.timers["compute"] / busy if busy else 1.0,
         "deviation": deviation, "rounds_total": frame.H["rounds"],
         **schedule_record(frame), **(frame.engine.metrics() if frame.engine is not None else {}),
     }
+    if frame.H.get("targets"):
+        record["targets_met"] = targets_met(frame, record)
     frame.history.append(record)
     if frame.run.reporter is not None:
         frame.run.reporter.log(format_progress(record))
         frame.run.reporter.log_metrics(record)
     frame.timers["logging"] += time.perf_counter() - t0
     return record
+
+
+TARGET_METRICS = ("loss", "accuracy", "test_loss", "test_accuracy")
+TARGET_AT = ("round", "samples", "steps", "train_time", "wall_time")  # what a target records of the check that met it
+
+
+def targets_met(frame: Frame, record: dict[str, Any]) -> dict[str, Any]:
+    """The ``--targets`` met so far: metric -> the first progress check at which it was reached (accuracies at or
+    above their target, losses at or below), carried on from the previous record (so a resumed run keeps them)."""
+    met = dict(frame.history[-1].get("targets_met", {})) if frame.history else {}
+    for metric, goal in frame.H["targets"].items():
+        value = record.get(metric)
+        if metric in met or not isinstance(value, float) or not math.isfinite(value):
+            continue
+        if (value >= goal) if metric.endswith("accuracy") else (value <= goal):
+            met[metric] = {"target": goal, "value": value, **{k: record[k] for k in TARGET_AT}}
+            frame.log(f"Target {metric} {'>=' if metric.endswith('accuracy') else '<='} {goal} reached at round "
+                      f"{record['round']} ({record['samples']} samples, {record['train_time']:.3g} s training)")
+    return met
 
 
 def model_is_finite(frame: Frame) -> bool:

@@ -17,13 +17,13 @@ import hashlib
 import io
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from src.Buliding_Units.Model_frames import COUNTERS, Frame
+from src.Buliding_Units.Model_frames import Counters, Frame
 from src.Runs.state import apply_copy_state, copy_differences, rng_state, set_rng_state
 
 FORMAT = 1
@@ -83,8 +83,9 @@ def restore(frame: Frame, state: dict[str, Any]) -> None:
     frame.batch_cursor, frame.current_lrs = state["batch_cursor"], list(state["current_lrs"])
     frame.pool_order, frame.pool_size = state["pool_order"], None  # the next round's schedule rebuilds the pool
     frame.round = state["round"]
-    for key in (*COUNTERS, "bytes_sent"):  # a checkpoint written before a counter existed restarts it at 0
-        setattr(frame.counters, key, state.get(key, 0))
+    fresh = Counters()  # a checkpoint written before a counter existed restarts it afresh
+    for key in (f.name for f in fields(Counters)):
+        setattr(frame.counters, key, state.get(key, getattr(fresh, key)))
     frame.stop_reason, frame.run.elapsed = state["stop_reason"], state["elapsed"]
     frame.timers.update(state["timers"])
     frame.history = list(state["history"])

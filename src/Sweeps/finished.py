@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from src.Sweeps.grid import Run, SweepError
+from src.Sweeps.grid import Run, Spec, SweepError
 
 RUN_FIELDS = ("overrides", "H", "argv", "report")  # what the scheduler stores per run that a summary needs
 
@@ -35,6 +35,7 @@ def sweeps_in_tracker(data: dict[str, Any]) -> dict[str, tuple[list[Run], dict[s
         unknown = [rid for rid in names if rid not in data["runs"]]
         if unknown:
             raise SweepError(f"sweep {sweep_id} names runs the tracker has no entry for: {unknown}")
-        runs = [_run(rid, data["runs"][rid], grid) for rid in names]
-        found[sweep_id] = (runs, {rid: data["runs"][rid] for rid in names}, grid, fixed)
+        varied = Spec(grid, fixed, list(sweep.get("zip") or [])).varied
+        runs = [_run(rid, data["runs"][rid], varied) for rid in names]
+        found[sweep_id] = (runs, {rid: data["runs"][rid] for rid in names}, varied, fixed)
     return found

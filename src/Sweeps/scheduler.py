@@ -14,6 +14,7 @@ Nothing here prints: the loop reports through an ``on_event(kind, run, entry)`` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -184,6 +185,8 @@ class Scheduler:
             outcome = self._from_report(run, entry, active.since)
         elif code == 0:
             outcome = "diverged" if self._report_status(run) == "diverged" else "done"
+            with contextlib.suppress(OSError, ValueError, KeyError):  # why it ended (a stopper's reason), if it says
+                entry["detail"] = read_report(run.report)["status_detail"]
         elif code in (INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
             outcome = "interrupted"
         else:
@@ -273,7 +276,8 @@ class Scheduler:
         """Reconcile the tracker with what is alive: skip done runs, adopt live ones, judge the dead, queue the rest."""
         self.data["sweeps"][self.sweep["id"]] = {
             **self.data["sweeps"].get(self.sweep["id"], {"started": now()}), "grid": self.sweep["grid"],
-            "fixed": self.sweep["fixed"], "runs": [r.run_id for r in self.runs], "status": "running"}
+            "fixed": self.sweep["fixed"], **({"zip": self.sweep["zip"]} if self.sweep.get("zip") else {}),
+            "runs": [r.run_id for r in self.runs], "status": "running"}
         for run in self.runs:
             entry = self.data["runs"].setdefault(run.run_id, {
                 "status": "pending", "attempts": 0, "failures": 0, "pid": None, "device": None, "exit_code": None,

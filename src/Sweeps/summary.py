@@ -1,9 +1,12 @@
 """The end of a sweep: a table of every run's final metrics, a CSV of them, mean ± std over seeds, the best step
-size at an equal budget (with a grid-edge warning) and the comparison figure. See :mod:`.compare` for the rules.
+size at an equal budget (with a grid-edge warning) and the comparison figure (see :mod:`.compare` for the rules);
+then the answers of :mod:`.analysis` for any logged quantity.
 
 Files under ``<root>/figures/``: ``sweep_summary_<id>.md`` (tables and warnings), ``sweep_summary_<id>.csv`` (every
-run's final record: all counters and metrics), ``sweep_seeds_<id>.csv`` (when ``seed`` is a grid key) and
-``sweep_<id>.{pdf,png}``. Nothing here prints; ``master.py`` shows the text.
+run's settings and final record), ``sweep_seeds_<id>.csv`` (when ``seed`` is a grid key), ``sweep_<id>.{pdf,png}``
+(training loss), ``sweep_records_<id>.csv`` (every record of every run, measurements joined),
+``sweep_<id>_<y>_vs_<x>.{pdf,png}`` (seed bands) and ``sweep_<id>_resources.{pdf,png}`` (memory and communication
+per worker, when the runs communicate). Nothing here prints; ``master.py`` shows the text.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from typing import Any
 
 from src.plots import X_AXES, check_x_axis, pyplot
 from src.reporting import read_metrics
+import src.Sweeps.analysis as analysis
 import src.Sweeps.compare as cmp
-from src.Sweeps.grid import Run
+from src.Sweeps.grid import Run, SweepError
 
 TABLE_METRICS = ("samples", "loss", "test_loss", "test_accuracy")
 SEED_METRICS = ("loss", "test_loss", "accuracy", "test_accuracy")
@@ -52,11 +56,13 @@ def summary_table(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dic
 
 
 def csv_rows(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str, list]) -> list[dict[str, Any]]:
-    """One row per run: run id, grid values, status, attempts, rounds, then every key of its final record."""
+    """One row per run: run id, every key the sweep set (grid and fixed), status, stop reason, attempts, rounds,
+    then every key of its final record."""
     finals = final_records(runs)
-    return [{"run": run.run_id, **run.grid_values, "status": entries[run.run_id]["status"],
-             "attempts": entries[run.run_id]["attempts"], "rounds_done": entries[run.run_id]["rounds_done"],
-             "rounds_total": entries[run.run_id]["rounds_total"], **finals[run.run_id]} for run in runs]
+    return [{"run": run.run_id, **run.overrides, "status": entries[run.run_id]["status"],
+             "detail": entries[run.run_id].get("detail"), "attempts": entries[run.run_id]["attempts"],
+             "rounds_done": entries[run.run_id]["rounds_done"], "rounds_total": entries[run.run_id]["rounds_total"],
+             **{k: v for k, v in finals[run.run_id].items() if k not in run.overrides}} for run in runs]
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -166,10 +172,12 @@ class Summary:
     figures: list[Path]
     seeds_csv: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    records_csvs: list[Path] = field(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
-        return [self.markdown, self.csv, *([self.seeds_csv] if self.seeds_csv else []), *self.figures]
+        return [self.markdown, self.csv, *([self.seeds_csv] if self.seeds_csv else []), *self.records_csvs,
+                *self.figures]
 
 
 def comparison_text(runs: list[Run], grid: dict[str, list], x: str) -> tuple[str, list[str]]:
@@ -191,14 +199,57 @@ def comparison_text(runs: list[Run], grid: dict[str, list], x: str) -> tuple[str
     return "\n".join(lines + [""] + warnings) + "\n", warnings
 
 
+def numeric_fields(frame: Any) -> list[str]:
+    """The columns of a :func:`analysis.load_sweep` table that hold numbers somewhere: what ``--y`` can be."""
+    return sorted(c for c in frame.columns if frame[c].map(lambda v: isinstance(v, (int, float))
+                                                           and not isinstance(v, bool)).any())
+
+
+def check_y(y: str, runs: list[Run]) -> None:
+    """Raises SweepError unless some run logged ``y`` as a number (naming the fields that could be drawn)."""
+    frame = analysis.load_sweep(runs)
+    if frame.empty or y not in numeric_fields(frame):
+        fields = [] if frame.empty else [f for f in numeric_fields(frame) if f not in runs[0].H]
+        raise SweepError(f"--y {y!r}: no run logged it; logged: {fields}")
+
+
+def results_text(runs: list[Run], entries: dict[str, dict[str, Any]], sweep_id: str, figures: Path, y: str,
+                 x: str) -> tuple[str, list[Path], list[Path]]:
+    """The answers of :mod:`.analysis`: ``y`` against ``x`` with seed bands, final values, targets reached, and the
+    memory and communication view when the runs communicate; returns the Markdown, the figures and the CSVs."""
+    frame = analysis.load_sweep(runs, entries)
+    if frame.empty:
+        return "", [], []
+    keys = analysis.varied_keys(frame, runs[0].H)
+    if y not in numeric_fields(frame) or x not in frame:
+        missing = y if y not in numeric_fields(frame) else x
+        return f"\nwarning: no run logged {missing!r}: no figure of {y} against {x}\n", [], []
+    drawn = analysis.draw_curves(frame, y, x, keys, figures / f"sweep_{sweep_id}_{y}_vs_{x}",
+                                 title=f"sweep {sweep_id}: {y}, mean ± std over seeds")
+    records = figures / f"sweep_records_{sweep_id}.csv"
+    frame.to_csv(records, index=False)
+    metrics = [m for m in dict.fromkeys([y, *SEED_METRICS]) if m in frame]
+    text = (f"\nFinal values, mean ± std over seeds (varied keys {[k for k in keys if k != cmp.SEED]}):\n\n"
+            + analysis.markdown(analysis.final_table(frame, keys, metrics)))
+    targets = analysis.targets_table(frame, keys)
+    if not targets.empty:
+        text += "\nTargets (first progress check that reached each; seeds that reached it):\n\n" + \
+            analysis.markdown(targets)
+    if "n_workers" in keys or frame.get("messages", frame["round"] * 0).fillna(0).max() > 0:
+        drawn += analysis.draw_resources(frame, keys, figures / f"sweep_{sweep_id}_resources",
+                                         title=f"sweep {sweep_id}: memory and communication per worker")
+    return text, drawn, [records]
+
+
 def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str, list],
-                  fixed: dict[str, Any], sweep_id: str, root: Path, x: str = "samples") -> Summary:
+                  fixed: dict[str, Any], sweep_id: str, root: Path, x: str = "samples", y: str = "loss") -> Summary:
     """Write the summary files of a sweep under ``root/figures`` (see the module docstring); returns them.
 
     Grid keys are shown in sorted order: the tracker stores the grid with sorted keys, so a summary rebuilt from it
     (``master.py --summarize``) is the same file as the one written at the end of the sweep.
     """
     figures, grid = root / "figures", dict(sorted(grid.items()))
+    figures.mkdir(parents=True, exist_ok=True)
     text = summary_table(runs, entries, grid)
     seeds_csv = None
     if cmp.SEED in grid:
@@ -214,4 +265,8 @@ def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dic
                         f"fixed: `{json.dumps(fixed, sort_keys=True)}`  \nx-axis: `{x}`\n\n" + text)
     table_csv = write_csv(figures / f"sweep_summary_{sweep_id}.csv", csv_rows(runs, entries, grid))
     drawn = sweep_figure(runs, grid, figures / f"sweep_{sweep_id}", f"sweep {sweep_id}", x)
-    return Summary(text, markdown, table_csv, drawn, seeds_csv, warnings)
+    results, more, csvs = results_text(runs, entries, sweep_id, figures, y, x)
+    if results:
+        with open(markdown, "a") as f:
+            f.write(results)
+    return Summary(text + results, markdown, table_csv, drawn + more, seeds_csv, warnings, csvs)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from src.plots import pyplot, save_figure
+from src.plots import pyplot, readable_ticks, save_figure
 
 TOP_PAIRS = 3  # pairs drawn in the coupling-over-training figure and logged with each measurement
 NORM_TITLES = {  # norm heat-map stem -> (title, colour-bar label), for the Hessian
@@ -116,7 +116,7 @@ def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: s
         ax = axes[0][col]
         xs = data[xkey]
         if xkey == "samples" and any(x is None for x in xs):
-            ax.set_visible(False)  # records logged before samples were recorded
+            fig.delaxes(ax)  # records without the training samples: no empty panel
             continue
         ax.plot(xs, data["max"], "o-", color="C3", label="max off-diagonal")
         ax.plot(xs, data["mean"], "s-", color="C0", label="mean off-diagonal")
@@ -125,8 +125,12 @@ def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: s
                     label=f"pair {pair}")
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$ (log scale)")
+        values = [v for line in ax.lines for v in line.get_ydata() if math.isfinite(v)]
+        if values and min(values) > 0:  # a degenerate early ratio (up to ~10) must not flatten the rest
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        readable_ticks(ax)
         _second_axis(ax, data, 0 if xkey == "rounds" else 1)
         ax.legend(fontsize="small", loc="upper left")
     if title:

@@ -84,7 +84,7 @@ class _HessianUnit(MeasurementUnit):
             if not coupling:
                 self.norm_range = hfig.grow_range(self.norm_range, matrix.tolist())
             try:
-                paths = heatmap(matrix.numpy(), folder / f"{stem}_{self.count if index is None else index:03d}",
+                paths = heatmap(matrix.numpy(), folder / f"{stem}_{frame.round if index is None else index:03d}",
                                 labels=labels, title=f"{title} ({frame.run_id})", colorbar_label=bar,
                                 scale="coupling" if coupling else "log", mask_diagonal=coupling,
                                 value_range=None if coupling else self.norm_range, subtitle=subtitle)

@@ -40,8 +40,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from src.blocks import block_tensors
-from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame
+from src.blocks import block_bytes, block_tensors
+from src.Buliding_Units.Model_frames import Disributed_frame, Frame, generate_ModelFrame, link_seconds
 from src.Buliding_Units.schedules import apply_changes
 from src.Buliding_Units.schedules import KEYS
 from src.Optimizer_Engines.parallel.async_book import StalenessBook
@@ -93,7 +93,7 @@ def worker_loop(frame: Disributed_frame, plan: AsyncPlan, rank: int) -> None:
         if command == CHECKPOINT:
             gather_states(frame, rank, plan.world)
             continue
-        recv_tensors(block_tensors(frame.center_model), src=0)
+        time.sleep(link_seconds(frame.H, recv_tensors(block_tensors(frame.center_model), src=0)))  # the link
         if n_changes:
             changes: list[Any] = [None] * n_changes
             dist.recv_object_list(changes, src=0)
@@ -105,6 +105,7 @@ def worker_loop(frame: Disributed_frame, plan: AsyncPlan, rank: int) -> None:
         frame.scatter(to=blocks)
         spent = _local_steps(frame, blocks, RoundBatches(frame.train_batches, start, K), speed)
         pushes += 1
+        time.sleep(link_seconds(frame.H, sum(block_bytes(frame.distributed_models[b].blocks[b]) for b in blocks)))
         dist.send(_header(pushes, int(spent * 1e9), int(waited * 1e9)), dst=0)
         send_tensors([t for b in blocks for t in block_tensors(frame.distributed_models[b].blocks[b])], dst=0)
 
@@ -186,7 +187,7 @@ class Server(EngineState):
         frame, K = self.frame, self.frame.H["K"]
         changes, self.pending[w] = self.pending[w], []
         dist.send(_header(GO, self.cursor[w], K, len(changes)), dst=w + 1)
-        frame.bytes_sent += send_tensors(block_tensors(frame.center_model), w + 1)
+        frame.send(w, send_tensors(block_tensors(frame.center_model), w + 1))  # the worker sleeps its link time
         if changes:
             dist.send_object_list(changes, dst=w + 1)
         self.book.on_read(w)
@@ -203,7 +204,7 @@ class Server(EngineState):
             raise RuntimeError(f"worker {w} (rank {w + 1}) says it pushed {pushes} updates; the server received "
                                f"{self.received[w]}: an update was lost")
         blocks = self.plan.blocks_of[w]
-        self.frame.bytes_sent += recv_tensors([t for b in blocks for t in block_tensors(self.scratch[b])], w + 1)
+        self.frame.send(w, recv_tensors([t for b in blocks for t in block_tensors(self.scratch[b])], w + 1))
         self.compute[w] += compute_ns / 1e9
         self.wait[w] += wait_ns / 1e9
         return w

@@ -3,20 +3,23 @@
 Event-driven in virtual time. Worker w (owning blocks ``assign_blocks``) reads the centre, computes its update (K
 local steps per owned block, for real, on its block copies) and schedules the write at ``now + duration``::
 
-    duration_w = K * len(blocks_w) * worker_speeds[w] * step_time + communication_delay     (virtual seconds)
+    duration_w = K * len(blocks_w) * worker_speeds[w] * step_time + link(centre) + link(blocks_w)   (virtual seconds)
+
+where link(n bytes) = link_latency + n / link_bandwidth is the simulated network's time of one message (the centre
+to the worker, its blocks back to the server).
 
 Writes are applied in virtual-time order; writes at the same virtual time in an order drawn from a generator
 seeded with ``--seed`` (the draw is made when the write is scheduled). After each write every idle worker that the
 staleness bound lets start reads the centre at that moment (see ``async_book``). Every read, write and staleness is
 therefore exact and deterministic: the same settings give the same trajectory, bit for bit, on any machine — with
 ``--step_time`` given; ``--step_time 0`` measures it (wall seconds per local step of the first update), which only
-changes the schedule when ``communication_delay`` > 0.
+changes the schedule when the link takes time.
 
 Rounds: a round ends once B more block updates (B = blocks) have been applied, so ``rounds`` budgets compare with
 the synchronous engines; learning-rate and other schedules change at round boundaries, and the reads released by
 a round's last write happen after them. Updates still in flight when the run ends are dropped (counted in
 ``updates_in_flight`` of the last record; the report says how many). With ``--max_staleness 0`` every update of round r reads the centre after all updates of
-round r-1: the Jacobi engine, bit for bit. ``communication_delay`` is virtual here (no sleep).
+round r-1: the Jacobi engine, bit for bit. The link's time is virtual here (no sleep).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from src.Buliding_Units.Model_frames import Disributed_frame, Frame
+from src.blocks import block_bytes
+from src.Buliding_Units.Model_frames import Disributed_frame, Frame, link_seconds
 from src.Optimizer_Engines.parallel.async_book import StalenessBook, assign_blocks, check_speeds
 from src.plots import pyplot, save_figure
 from src.Optimizer_Engines.loop import (EngineState, RoundBatches, attach_engine, count_step, local_steps, sync,
@@ -129,9 +133,12 @@ class Simulator(EngineState):
 
     def _duration(self, w: int, K: int) -> Fraction:
         """Virtual seconds of an update of worker w, in exact rational arithmetic: equal durations are equal and
-        ties are decided by the seeded draw only, never by the rounding of a running float sum."""
+        ties are decided by the seeded draw only, never by the rounding of a running float sum. An update is two
+        messages on the link model (the centre to the worker, its blocks back), counted when they happen."""
+        frame = self.frame
+        push = sum(block_bytes(frame.center_model.blocks[b]) for b in self.blocks_of[w])
         return K * len(self.blocks_of[w]) * Fraction(self.speeds[w]) * Fraction(self.step_time) + \
-            Fraction(self.frame.H["communication_delay"])
+            Fraction(link_seconds(frame.H, block_bytes(frame.center_model))) + Fraction(link_seconds(frame.H, push))
 
     def _start(self, starters: list[int]) -> None:
         """The workers ``starters`` read the centre now (all the same centre), compute their updates — block by
@@ -140,6 +147,7 @@ class Simulator(EngineState):
         work = []
         for w in starters:
             self.book.on_read(w)
+            frame.send(w, block_bytes(frame.center_model))  # the centre, to the worker
             frame.scatter(to=self.blocks_of[w])  # each copy of w's blocks now holds the centre as read
             batches = RoundBatches(frame.train_batches, self.cursor[w], K)
             self.cursor[w] += K
@@ -154,6 +162,7 @@ class Simulator(EngineState):
 
     def _write(self, w: int, K: int) -> None:
         frame = self.frame
+        frame.send(w, sum(block_bytes(frame.center_model.blocks[b]) for b in self.blocks_of[w]))  # w's blocks back
         for b in self.blocks_of[w]:
             self.round_dev.append((b, squared_deviation(frame.distributed_models[b].blocks[b],
                                                         frame.center_model.blocks[b])))

@@ -13,8 +13,9 @@ broadcasts the batch index and the round's schedule changes (``STOP`` ends the o
 schedules and interrupts act on every rank at the same round boundary. Ranks > 0 (``ddp_worker``, sent there by
 ``dol1.main``) build the same frame from the same seed and write nothing; after a resume rank 0 hands them its
 optimiser state, learning rates and curriculum pool once. Counters are the global ones: ``steps`` += 1 and
-``samples`` += B per step; ``bytes_sent`` += 2·(W−1)·(gradient bytes) per step (the volume a ring all-reduce
-moves across the group) plus (W−1)·(buffer bytes) for DDP's buffer broadcast. DDP overlaps the all-reduce with the
+``samples`` += B per step (``loop.count_step``, as one entire-model step); ``bytes_sent`` += 2·(W−1)·(gradient bytes)
+per step (the volume a ring all-reduce moves across the group) plus (W−1)·(buffer bytes) for DDP's buffer broadcast,
+counted message by message on the link model (``step_messages``). DDP overlaps the all-reduce with the
 backward pass, so the whole step counts as compute time.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from src.Buliding_Units.Model_frames import Frame, generate_ModelFrame, select_d
 from src.Buliding_Units.schedules import apply_changes
 from src.cli import ConfigError
 from src.Optimizer_Engines.parallel.distributed_state import broadcast_command, to_cpu
-from src.Optimizer_Engines.loop import sync, training_loop
+from src.Optimizer_Engines.loop import count_step, sync, training_loop
 from src.Optimizer_Engines.parallel.worker_plan import TorchrunEnv, WorkerPlan, gpu_count, torchrun_env, torchrun_plan
 
 STOP = -1  # the command that ends the other ranks' loop
@@ -82,9 +83,27 @@ def shard(batch: int, rank: int, world: int) -> slice:
 def step_bytes(model: nn.Module, world: int) -> int:
     """Bytes one step moves across the group: a ring all-reduce of the gradients, 2·(W−1)·payload, plus DDP's
     broadcast of the buffers from rank 0, (W−1)·payload."""
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    grads, buffers = _payloads(model)
     return 2 * (world - 1) * grads + (world - 1) * buffers
+
+
+def _payloads(model: nn.Module) -> tuple[int, int]:
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return grads, sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def step_messages(frame: Frame, world: int) -> float:
+    """Count one step's messages on the link model and return the time the group waits for them: a ring
+    all-reduce is 2·(W−1) rounds in which every rank sends its 1/W share of the gradients to one neighbour (the ranks
+    send in parallel: a round takes its slowest message), then rank 0 broadcasts the buffers (one message)."""
+    grads, buffers = _payloads(frame.center_model)
+    chunks = [shard(grads, r, world).stop - shard(grads, r, world).start for r in range(world)]
+    wait = 0.0
+    for step in range(2 * (world - 1)):
+        wait += max(frame.send(r, chunks[(r - step) % world]) for r in range(world))
+    if buffers:
+        wait += frame.send(0, buffers, world - 1)
+    return wait
 
 
 @dataclass
@@ -109,9 +128,12 @@ def data_parallel_step(frame: Frame, group: _Group, index: int) -> float:
     frame.optimizer.step()
     sync(frame.device)
     frame.timers["compute"] += time.perf_counter() - t0
-    frame.steps += 1
-    frame.samples += len(y)
-    frame.bytes_sent += group.bytes_per_step
+    count_step(frame, len(y), frame.n_blocks, new_samples=len(y))  # the global batch, as one entire-model step
+    wait = step_messages(frame, group.env.world_size)
+    if wait > 0:  # the simulated network; DDP overlaps the real all-reduce with the backward pass (compute)
+        t1 = time.perf_counter()
+        time.sleep(wait)
+        frame.timers["communication"] += time.perf_counter() - t1
     return 0.0
 
 

@@ -12,7 +12,7 @@ and one round is:
 3. one ``all_reduce`` of [deviation², compute time of each rank];
 4. each owner broadcasts its active blocks' parameters *and* buffers (BatchNorm statistics, num_batches_tracked),
    flattened into one tensor per dtype; every rank gathers them into its centre with damping ``gamma``
-   (``Disributed_frame.gather_block``), sleeps ``communication_delay`` and scatters the centre into its copies.
+   (``Disributed_frame.gather_block``), sleeps the link model's time of those messages and scatters the centre.
 
 The centre is identical on every rank after each round. Rank 0 holds the real Frame (reporter, plugins) and runs
 ``training_loop`` with a distributed ``step``, so logging, measurements and stoppers follow the sequential
@@ -118,7 +118,7 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     H, plan = frame.H, state.plan
     if state.rank > 0:
         _maybe_fail_for_test(state.rank, round_index)
-    blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"])
+    blocks = active_blocks(round_index, frame.n_blocks, H["active_share"], H["seed"], H["block_order"])
     mine = [b for b in blocks if plan.owner(b) == state.rank]
     batches = round_batches(frame, round_index)
     for b in mine:
@@ -134,25 +134,24 @@ def distributed_round(frame: Disributed_frame, state: _Rank, round_index: int, s
     dist.all_reduce(stats)
     stats = stats.tolist()
 
-    sent = 0
+    link = 0.0
     for owner in sorted({plan.owner(b) for b in blocks}):
         owned = [b for b in blocks if plan.owner(b) == owner]
         # the owner sends from its copies; every other rank receives into its scratch blocks
         sources = {b: frame.distributed_models[b].blocks[b] if owner == state.rank else state.scratch[b]
                    for b in owned}
-        sent += _broadcast_tensors(state, [t for b in owned for t in block_tensors(sources[b])], owner) \
-            * (plan.n - 1)
+        payload = _broadcast_tensors(state, [t for b in owned for t in block_tensors(sources[b])], owner)
+        link += frame.send(owner, payload, plan.n - 1)  # one message per owner, for the n − 1 other ranks
         for b in owned:
             frame.gather_block(b, sources[b])
-    if H.get("communication_delay", 0):
-        time.sleep(H["communication_delay"])
+    if link > 0:  # the simulated network: every rank waits the same modelled time
+        time.sleep(link)
     frame.scatter(blocks)
     sync(frame.device)
 
     slowest = max(stats[2:])
     frame.timers["compute"] += slowest
     frame.timers["communication"] += max(0.0, time.perf_counter() - started - slowest)
-    frame.bytes_sent += sent
     count_step(frame, batches.stream.batch_size, len(blocks), steps=round(stats[1]), new_samples=batches.samples)
     return math.sqrt(stats[0])
 
