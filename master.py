@@ -273,9 +273,9 @@ def plan(args: argparse.Namespace) -> tuple[list[sw.Run], sw.Spec, str, list[sw.
         spec = sw.load_spec(args.grid, args.fixed, args.sweep, args.zip)
         if not spec.grid and not spec.fixed and not spec.linked:
             raise sw.SweepError("nothing to sweep: give --grid and/or --fixed, or --sweep FILE")
-        if spec.summary.get("x") is not None and spec.summary["x"] not in X_AXES:
-            raise sw.SweepError(f"the sweep file's summary.x {spec.summary['x']!r} is not valid; valid: "
-                                f"{sorted(X_AXES)}")
+        xs = spec.summary.get("x", [])
+        if any(x not in X_AXES for x in (xs if isinstance(xs, list) else [xs])):
+            raise sw.SweepError(f"the sweep file's summary.x {xs!r} is not valid; valid: {sorted(X_AXES)}")
         runs = sw.expand(spec, None, _resolve, list(dol1.DEFAULTS), PROJECT_ROOT, dol1.run_identity,
                          always={"resume": "auto"})
         sw.read_tracker(Path(args.tracker))  # a broken tracker is bad input too, found before anything starts
@@ -323,10 +323,12 @@ def execute(args: argparse.Namespace, runs: list[sw.Run], spec: sw.Spec, sweep_i
 
 
 def show_summary(runs: list[sw.Run], entries: dict[str, Any], grid: dict[str, list], fixed: dict[str, Any],
-                 sweep_id: str, plot_x: str, y: str = "loss") -> None:
-    """Write the end-of-sweep files and print the table, the warnings and the file names."""
+                 sweep_id: str, x: str | list[str], y: str = "loss", plot_x: str | None = None) -> None:
+    """Write the end-of-sweep files and print the table, the warnings and the file names (``x``: the curves' axis or
+    axes; ``plot_x``: the training-loss figure's, default the first of ``x``)."""
     root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
-    summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x, y)
+    xs = x if isinstance(x, list) else [x]
+    summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x or xs[0], y, xs)
     print(summary.text, end="")
     print(f"summary: {summary.markdown}\ncsv: {summary.csv}"
           + (f"\nseeds csv: {summary.seeds_csv}" if summary.seeds_csv else "")
@@ -377,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scheduler = execute(args, runs, spec, sweep_id, slots)
     show_summary(runs, scheduler.data["runs"], spec.varied, spec.fixed, sweep_id,
-                 args.x or spec.summary.get("x") or args.plot_x, args.y or spec.summary.get("y") or "loss")
+                 args.x or spec.summary.get("x") or args.plot_x, args.y or spec.summary.get("y") or "loss",
+                 args.plot_x)
     if scheduler.stop_requests:
         print("master.py: interrupted; start the same sweep again to resume", file=sys.stderr)
         raise SystemExit(130)

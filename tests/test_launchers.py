@@ -233,7 +233,8 @@ def test_a_resumed_master_never_submits_a_queued_job_again(tmp_path, monkeypatch
     its name in squeue and adopted, nothing is submitted."""
     fake_slurm(tmp_path, monkeypatch)
     parsed = master.build_parser().parse_args(argv(tmp_path, "--launcher", "slurm", grid={"step_size": [0.01]}))
-    runs, grid, fixed, sweep_id, slots = master.plan(parsed)
+    runs, spec, sweep_id, slots = master.plan(parsed)
+    grid, fixed = spec.grid, spec.fixed
     (tmp_path / "bin" / "squeue").write_text(f"#!/bin/sh\necho \"squeue $*\" >> \"$(dirname \"$0\")/calls.txt\"\n"
                                              f"echo '777|RUNNING|{runs[0].run_id}.1.aa'\n")
     scheduler = sweep.Scheduler(runs, slots, tmp_path / "tracker.json", {"id": sweep_id, "grid": grid,

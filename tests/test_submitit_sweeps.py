@@ -90,7 +90,8 @@ def test_kill_9_of_the_master_then_resume_runs_each_job_once(tmp_path, capsys):
 def test_a_master_killed_between_submission_and_tracker_write_never_submits_twice(tmp_path):
     argv = args(tmp_path, {"step_size": [0.01]}, tiny(tmp_path / "out", rounds=60))
     parsed = master.build_parser().parse_args(argv)
-    runs, grid, fixed, sweep_id, slots = master.plan(parsed)
+    runs, spec, sweep_id, slots = master.plan(parsed)
+    grid, fixed = spec.grid, spec.fixed
     first = sweep.Scheduler(runs, slots, tmp_path / "tracker.json", {"id": sweep_id, "grid": grid, "fixed": fixed},
                             launcher=master.make_launcher(parsed), dol1=PROJECT / "dol1.py", python=sys.executable)
     first.prepare()

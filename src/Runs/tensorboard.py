@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run (``--tensorboard true``; off by default, see issue 14).
+"""TensorBoard event files of a run (``--tensorboard true``; off by default).
 
 The logger reads what the run records anyway, so no engine or plugin knows about it: it wraps the script's
 ``progress(done, total)`` callback and, after every round, writes what is new since the last call:

@@ -78,7 +78,7 @@ class Spec:
                 for point in itertools.product(*self.grid.values()) for block in (self.linked or [{}])]
 
 
-PATH_KEYS = ("units_file", "settings_file", "data_root")  # a sweep file's relative paths are relative to the file
+PATH_KEYS = ("units_file", "settings_file", "data_root", "output_root")  # relative to the sweep file, in one
 
 
 def load_spec(grid: str | None = None, fixed: str | None = None, sweep_file: str | Path | None = None,
@@ -149,7 +149,8 @@ def _relative_to(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _resolve_path(value: Any, folder: Path) -> Any:
-    return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+    return str((folder / value).resolve()) if isinstance(value, str) and value and not Path(value).is_absolute() \
+        else value
 
 
 def sweep_hash(grid: Mapping[str, Any], fixed: Mapping[str, Any], linked: list | None = None) -> str:

@@ -214,18 +214,18 @@ def check_y(y: str, runs: list[Run]) -> None:
 
 
 def results_text(runs: list[Run], entries: dict[str, dict[str, Any]], sweep_id: str, figures: Path, y: str,
-                 x: str) -> tuple[str, list[Path], list[Path]]:
+                 xs: list[str]) -> tuple[str, list[Path], list[Path]]:
     """The answers of :mod:`.analysis`: ``y`` against ``x`` with seed bands, final values, targets reached, and the
     memory and communication view when the runs communicate; returns the Markdown, the figures and the CSVs."""
     frame = analysis.load_sweep(runs, entries)
     if frame.empty:
         return "", [], []
     keys = analysis.varied_keys(frame, runs[0].H)
-    if y not in numeric_fields(frame) or x not in frame:
-        missing = y if y not in numeric_fields(frame) else x
-        return f"\nwarning: no run logged {missing!r}: no figure of {y} against {x}\n", [], []
-    drawn = analysis.draw_curves(frame, y, x, keys, figures / f"sweep_{sweep_id}_{y}_vs_{x}",
-                                 title=f"sweep {sweep_id}: {y}, mean ± std over seeds")
+    if y not in numeric_fields(frame):
+        return f"\nwarning: no run logged {y!r}: no figure of it\n", [], []
+    drawn = [path for x in xs if x in frame
+             for path in analysis.draw_curves(frame, y, x, keys, figures / f"sweep_{sweep_id}_{y}_vs_{x}",
+                                              title=f"sweep {sweep_id}: {y}, mean ± std over seeds")]
     records = figures / f"sweep_records_{sweep_id}.csv"
     frame.to_csv(records, index=False)
     metrics = [m for m in dict.fromkeys([y, *SEED_METRICS]) if m in frame]
@@ -242,7 +242,8 @@ def results_text(runs: list[Run], entries: dict[str, dict[str, Any]], sweep_id: 
 
 
 def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str, list],
-                  fixed: dict[str, Any], sweep_id: str, root: Path, x: str = "samples", y: str = "loss") -> Summary:
+                  fixed: dict[str, Any], sweep_id: str, root: Path, x: str = "samples", y: str = "loss",
+                  curve_xs: list[str] | None = None) -> Summary:
     """Write the summary files of a sweep under ``root/figures`` (see the module docstring); returns them.
 
     Grid keys are shown in sorted order: the tracker stores the grid with sorted keys, so a summary rebuilt from it
@@ -265,7 +266,7 @@ def write_summary(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dic
                         f"fixed: `{json.dumps(fixed, sort_keys=True)}`  \nx-axis: `{x}`\n\n" + text)
     table_csv = write_csv(figures / f"sweep_summary_{sweep_id}.csv", csv_rows(runs, entries, grid))
     drawn = sweep_figure(runs, grid, figures / f"sweep_{sweep_id}", f"sweep {sweep_id}", x)
-    results, more, csvs = results_text(runs, entries, sweep_id, figures, y, x)
+    results, more, csvs = results_text(runs, entries, sweep_id, figures, y, curve_xs or [x])
     if results:
         with open(markdown, "a") as f:
             f.write(results)

@@ -7,7 +7,7 @@ Only needs a batched HVP, V (m, N) -> H V (m, N). Algorithm (costs and measureme
 - Pair (i, j): block Golub-Kahan bidiagonalisation of A = H_ij, width 2, with full reorthogonalisation. Call A of a
   round applies the new V rows (block j) and reads A V -> new U rows; call B applies the new U rows (block i) and
   reads Aᵀ U -> new V rows: 4 HVPs per round. Width 1 stopped on the second singular value of a fresh MLP's pair
-  whose top two were 4 % apart (issue 13). (A Rayleigh quotient on the dilation [[0, A], [Aᵀ, 0]] does not converge
+  whose top two were 4 % apart. (A Rayleigh quotient on the dilation [[0, A], [Aᵀ, 0]] does not converge
   to σ: its eigenvalues come in ±σ pairs.)
 - Diagonal block b: block Lanczos on H_bb (3 vectors a step, full reorthogonalisation) in call A. Width 1 stalled
   for many steps on a block whose two top eigenvalues were 1 % apart (1.3 % error at tol 1e-2 in
@@ -41,7 +41,7 @@ from .pools import Pools, Rows, cgs2, padded, singular_ritz, symmetric_ritz
 
 TYPICAL_STEPS = 8  # Krylov rounds the planner expects per entry at the default tolerance
 _MIN_STEPS = 3  # rounds before an entry may stop on its residual test (no stop on a lucky first Ritz value)
-_PAIR_WIDTH = 2  # block Golub-Kahan width per pair: near-equal top singular values (issue 13: 0.2329 vs 0.2236)
+_PAIR_WIDTH = 2  # block Golub-Kahan width per pair: near-equal top singular values (0.2329 vs 0.2236 seen on an MLP)
 _DIAGONAL_WIDTH = 3  # block Lanczos width on diagonal blocks: resolves near-equal top eigenvalues (clusters up to 3)
 _BREAKDOWN = 1e3  # a Krylov residual below _BREAKDOWN * eps * (largest output norm) is a breakdown
 _ROUNDING = 100  # slack, in units of the dtype's eps, when comparing the pooled estimate with the Ritz interval
