@@ -74,6 +74,8 @@ def compare(name: str, model, criterion, x, y, args) -> list[list[str]]:
     hvp = make_batched_hvp(model, criterion, x, y, memory_budget_mb=args.memory_mb)
     hvp(torch.zeros(1, sum(sizes), dtype=hvp.dtype))  # warm-up: torch.func's first call pays one-off set-up
     starts = rademacher_starts(sizes, args.probes, args.seed, hvp.dtype)
+    print(f"- {name}: block sizes {sizes}; the batched HVP takes at most {hvp.chunk_size} rows per pass "
+          f"(memory_budget_mb {args.memory_mb:g}); (c) sends {args.probes * len(sizes)} rows per call")
 
     def timed(fn):
         start = time.perf_counter()
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                                       args.seed), args)
     if not args.no_cnn:
         rows += compare("CNN", *digits_cnn(args.cnn_batch, args.channels, args.seed), args)
+    print()
     print_table(rows)
     return rows
 

@@ -16,6 +16,7 @@ import dol1
 from hessian_helpers import F64, Sequential, one_thread  # noqa: F401 - one_thread: this module's autouse fixture
 from src.Buliding_Units import hessian
 from src.Buliding_Units.hessian import density
+from src.Buliding_Units.hessian import figures as hfig
 from src.Buliding_Units.MeasurementUnit import BlockSpectrumDensity
 from src.Buliding_Units.plugins import available_plugins
 
@@ -199,7 +200,8 @@ def test_prepare_refuses_dropout_in_train_mode_and_bases_over_budget(tmp_path):
         BlockSpectrumDensity(max_basis_mb=1e-4).prepare(_frame(model, x, y, tmp_path))
 
 
-def test_batchnorm_is_measured_in_eval_mode_on_a_private_copy(tmp_path):
+def test_batchnorm_is_measured_in_eval_mode_on_a_private_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(BlockSpectrumDensity, "_density_figures", lambda self, frame, record: [])  # numbers only
     torch.manual_seed(1)
     model = Sequential([nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Tanh()), nn.Linear(3, 2)]).to(F64)
     x, y = torch.randn(24, 4, dtype=F64), torch.randint(0, 2, (24,))
@@ -214,6 +216,32 @@ def test_batchnorm_is_measured_in_eval_mode_on_a_private_copy(tmp_path):
     assert record["mode"] == "eval" and record["steps"] == [21, 8]
 
 
+def test_a_block_without_parameters_is_left_out_and_one_block_has_no_js0(tmp_path):
+    _, _, x, y = tiny_problem()
+    torch.manual_seed(0)
+    gap = Sequential([nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)]).to(F64)
+    record = BlockSpectrumDensity(probes=2, lanczos_steps=4, batch_size=24).measure(_frame(gap, x, y, tmp_path))
+    assert record["block_sizes"] == [15, 0, 8] and record["steps"] == [4, 0, 4] and record["hvps"] == 2 * 8
+    assert record["density"][1] is None and record["lambda_max"][1] is None and record["trace"][1] is None
+    assert record["js_matrix"][1] == [None, None, None] and record["js0"] == record["js_matrix"][0][2] > 0
+    single = Sequential([nn.Linear(4, 2)]).to(F64)
+    record = BlockSpectrumDensity(probes=2, lanczos_steps=4, batch_size=24).measure(_frame(single, x, y, tmp_path))
+    assert record["js0"] is None and record["js_matrix"] == [[0.0]] and len(record["figures"]) == 4
+
+
+def test_each_logged_measurement_redraws_js0_over_training(tmp_path):
+    unit, frame = BlockSpectrumDensity(), _frame(None, None, None, tmp_path)
+    for round_, js0, only in ((2, 0.25, False), (4, 0.5, False), (4, 0.9, True)):
+        frame.round, frame.samples = round_, 32 * round_
+        unit.log_measurement(frame, {"js0": js0, "js_normalisation": "spectral_radius", "measure_only": only})
+    records = [json.loads(line) for line in unit.log_path.read_text().splitlines()]
+    assert [(r["round"], r["samples"]) for r in records] == [(2, 64), (4, 128), (4, None)]
+    data = hfig.js0_over_training(records, [])
+    assert data["rounds"] == [2, 4] and data["samples"] == [64, 128] and data["js0"] == [0.25, 0.5]
+    assert (tmp_path / "figures" / "Measurements" / "Hessian_Measurement" / "Rtest" / "js0_over_training.png").exists()
+
+
+@pytest.mark.slow
 def test_unit_end_to_end_records_and_figures(tmp_path):
     units = tmp_path / "Units.txt"
     units.write_text("- BlockSpectrumDensity probes=4 lanczos_steps=8 batch_size=64 grid_points=500 sigma=0.02\n")
