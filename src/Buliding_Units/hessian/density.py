@@ -243,7 +243,8 @@ def quadrature_moments(result: BlockSLQ, k: int) -> list[tuple[float, float] | N
 def trace_estimates(result: BlockSLQ) -> list[tuple[float, float] | None]:
     """Per block, the estimate of tr H_bb and its standard error: n_b × the first moment (Hutchinson's estimator with
     the same Rademacher probes)."""
-    return [None if m is None else (n * m[0], n * m[1]) for n, m in zip(result.block_sizes, quadrature_moments(result, 1))]
+    moments = quadrature_moments(result, 1)
+    return [None if m is None else (n * m[0], n * m[1]) for n, m in zip(result.block_sizes, moments)]
 
 
 def lambda_extremes(result: BlockSLQ) -> list[tuple[float, float] | None]:

@@ -342,7 +342,8 @@ class BlockSpectrumDensity(_HessianUnit):
         if mb > self.max_basis_mb:
             raise ValueError(f"BlockSpectrumDensity keeps every Lanczos vector (full reorthogonalisation): "
                              f"probes x steps x block sizes = {numbers} numbers, {mb:.0f} MB in {self.dtype}, above "
-                             f"max_basis_mb={self.max_basis_mb:g}; lower probes or lanczos_steps, or raise max_basis_mb")
+                             f"max_basis_mb={self.max_basis_mb:g}; lower probes or lanczos_steps, or raise "
+                             "max_basis_mb")
         model, inputs, targets = self._problem(frame)
         check_deterministic(FlatLoss(model, frame.criterion, inputs, targets))
 
@@ -392,8 +393,8 @@ class BlockSpectrumDensity(_HessianUnit):
                 record["density_grid"], record["density"], record["block_labels"],
                 folder / f"block_density_{stem}", title=f"block spectral densities, JS$_0$ = {js0} ({frame.run_id})",
                 subtitle=subtitle, xlabel=xlabel)
-            written += heatmap(torch.tensor([[math.nan if v is None else v for v in row] for row in record["js_matrix"]],
-                                            dtype=torch.float64).numpy(),
+            js = [[math.nan if v is None else v for v in row] for row in record["js_matrix"]]
+            written += heatmap(torch.tensor(js, dtype=torch.float64).numpy(),
                                folder / f"block_js_heatmap_{stem}", labels=record["block_labels"],
                                title=f"JS distance between block spectra ({frame.run_id})",
                                colorbar_label="JS distance (base 2)", scale="coupling", mask_diagonal=True,
