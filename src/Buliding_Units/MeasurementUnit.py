@@ -146,7 +146,8 @@ class Working_memory_usage(MeasurementUnit):
 
 # Units of the Hessian wing (``src/Buliding_Units/hessian/units.py``): known here by name, imported on first use.
 WING_UNITS = {name: "src.Buliding_Units.hessian.units" for name in (
-    "Hessian_measurement", "HessianBlockInteractionMeasurement", "HessianSpectrumMeasurement")}
+    "Hessian_measurement", "HessianBlockInteractionMeasurement", "HessianSpectrumMeasurement",
+    "BlockSpectrumDensity")}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,8 @@
 * Every heat-map's subtitle states the conditions: exact or lower bound, tol, samples, mode, dtype, round.
 * ``coupling_over_training.{pdf,png}``: the largest and mean off-diagonal coupling and the top pairs against round
   and against training samples, with the training loss and the deviation on a second axis.
+* Block spectral densities (``BlockSpectrumDensity``): every block's density on one log-density plot, and
+  ``js0_over_training.{pdf,png}``: the heterogeneity JS₀ against round and samples, drawn like the coupling.
 
 Frames and plugins floor: imports the ground floor's plots only.
 """
@@ -237,4 +239,65 @@ def heatmap(matrix: Any, path: str | Path, title: str = "", labels: Sequence[str
     plt = pyplot()
     fig = draw_heatmap(matrix, title, labels, colorbar_label, scale or ("log" if log_scale else "linear"),
                        value_range, mask_diagonal, subtitle)
+    return save_figure(fig, path)
+
+
+def draw_block_densities(grid: Sequence[float], densities: Sequence[Sequence[float] | None], labels: Sequence[str],
+                         path: str | Path, title: str = "", subtitle: str = "", xlabel: str = "normalised eigenvalue",
+                         decades: float = 8.0) -> list[Path]:
+    """Every block's spectral density on one plot with a logarithmic density axis (``decades`` below the highest
+    value shown), one line per block labelled ``labels[b]``; a block without a density is left out."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    xs = np.asarray(grid, dtype=float)
+    top = max((max(d) for d in densities if d is not None), default=1.0)
+    floor = top * 10 ** -decades
+    for b, density in enumerate(densities):
+        if density is None:
+            continue
+        ax.plot(xs, np.maximum(np.asarray(density, dtype=float), floor), lw=1.2, color=f"C{b % 10}",
+                ls=("-", "--", ":", "-.")[(b // 10) % 4], label=labels[b])
+    ax.set_yscale("log")
+    ax.set_ylim(floor, top * 3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=1 + len(labels) // 12, loc="upper right")
+    if title or subtitle:
+        ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize=9)
+    return save_figure(fig, path)
+
+
+def js0_over_training(records: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The series behind ``js0_over_training``: JS₀ per measurement (records with a ``js0`` key, measured during
+    training) against round and samples, with the training loss and deviation from the progress records."""
+    points = [r for r in records if "js0" in r and not r.get("measure_only")]
+    progress = [h for h in history if "round" in h]
+    return {"rounds": [r["round"] for r in points], "samples": [r.get("samples") for r in points],
+            "js0": [r["js0"] for r in points], "normalisation": points[-1].get("js_normalisation") if points else None,
+            **{key: ([h["round"] for h in progress if key in h], [h.get("samples") for h in progress if key in h],
+                     [h[key] for h in progress if key in h]) for key in ("loss", "deviation")}}
+
+
+def draw_js0_over_training(data: dict[str, Any], path: str | Path, title: str = "") -> list[Path]:
+    """Draw :func:`js0_over_training`'s data against round (left) and training samples (right, hidden when the
+    records hold no samples)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, layout="constrained")
+    for col, (xkey, xlabel) in enumerate((("rounds", "round"), ("samples", "training samples"))):
+        ax = axes[0][col]
+        xs = data[xkey]
+        if xkey == "samples" and any(x is None for x in xs):
+            ax.set_visible(False)
+            continue
+        ax.plot(xs, [math.nan if v is None else v for v in data["js0"]], "o-", color="C3",
+                label=f"JS$_0$ ({data.get('normalisation') or '?'})")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("JS$_0$: mean pairwise JS distance of block spectra")
+        ax.grid(alpha=0.3)
+        _second_axis(ax, data, 0 if xkey == "rounds" else 1)
+        ax.legend(fontsize="small", loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

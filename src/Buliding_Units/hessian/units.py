@@ -1,4 +1,5 @@
-"""The Hessian measurement units: the brute-force Hessian, all-pairs block interactions and the curvature spectrum.
+"""The Hessian measurement units: the brute-force Hessian, all-pairs block interactions, the curvature spectrum and
+the per-block spectral densities.
 
 Each runs on a private float64 copy of the centre model on one fixed batch, in an explicit mode (eval by default),
 and writes its records to ``measurements/<Unit>_<run id>.jsonl`` and its heat-maps under
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,10 @@ from torch import nn
 from src.Buliding_Units.MeasurementUnit import MeasurementUnit
 from src.Buliding_Units.hessian import figures as hfig
 from src.Buliding_Units.hessian import interaction as hessian
+from src.Buliding_Units.hessian.density import (block_slq, check_normalisation, lambda_extremes,
+                                                min_grid_points, positive_float, spectral_densities, trace_estimates)
 from src.Buliding_Units.hessian.figures import heatmap
+from src.Buliding_Units.hessian.products import FlatLoss, check_deterministic, make_batched_hvp
 from src.Buliding_Units.hessian.spectrum import check_curvature, curvature_spectrum, positive_int
 
 
@@ -264,3 +269,152 @@ class HessianSpectrumMeasurement(_HessianUnit):
                   "tol": self.tol, "block_sizes": hessian.block_sizes(model), **dataclasses.asdict(result)}
         record["batched_calls"] = record.pop("calls")
         return {**record, "wall_time": time.perf_counter() - start}
+
+
+class BlockSpectrumDensity(_HessianUnit):
+    """Each block's Hessian spectrum, and how different the blocks' spectra are (block heterogeneity, JS₀).
+
+    For every block b the spectral density of the diagonal block H_bb (G_bb with ``curvature="ggn"``) by stochastic
+    Lanczos quadrature (``hessian.density``): ``probes`` Rademacher starts per block (seeded by ``seed``),
+    m = ``lanczos_steps`` Lanczos steps with full reorthogonalisation (capped by the block's size m_b = min(m, n_b)),
+    Gauss quadrature nodes (Ritz values) and weights per probe. Every block's probes go through one batched HVP per
+    step: a measurement spends P·Σ_b m_b products in max_b m_b batched calls (one block and probe at a time would make
+    P·Σ_b m_b calls). Memory: the Lanczos bases hold P·Σ_b m_b·n_b ≤ P·m·N numbers; ``prepare`` refuses a model
+    whose bases exceed ``max_basis_mb`` before training starts.
+
+    Design choices:
+
+    * **Normalisation** (``js_normalisation``, recorded in each record): the default ``"spectral_radius"`` divides
+      each block's Ritz values by that block's spectral-radius estimate max|θ| before broadening, so densities and
+      JS distances compare the *shapes* of the spectra (x = λ/s_b ∈ [−1, 1]); block scales differ by orders of
+      magnitude (the head against the first layer) and would otherwise dominate the distance. ``"common"`` divides
+      every block by one scale (the largest spectral radius), keeping relative sizes. The paper's plots divide by the
+      10th largest eigenvalue; that value is not offered: SLQ gives it only through an interior Ritz value that
+      m steps need not converge, a block with fewer than 10 parameters has none, and it can be ≤ 0. The spectral
+      radius is the extremal Ritz value, the one Lanczos converges first, defined for every block. A block with a
+      zero spectrum keeps scale 1 (a point mass at 0).
+    * **Grid**: one grid per measurement, common to every block, spanning all blocks' normalised Ritz values plus
+      5σ each side, ``grid_points`` points; σ (``sigma``) is in normalised units, and ``grid_points`` must resolve
+      it (spacing ≤ σ/2 over the widest possible span; checked when the unit is built).
+    * **Weights**: each probe's weights sum to 1 (they are squared first components of an orthogonal matrix);
+      the density averages the probes and is rescaled to integrate to 1 on the grid (trapezoid rule).
+    * **JS₀** (``js0``): the mean over pairs i < j of the Jensen–Shannon distance between blocks' densities as
+      discrete distributions on the grid, √JSD with base-2 logarithms, so in [0, 1]: 0 for identical spectra, 1 for
+      disjoint ones. ``js_matrix`` holds all pairs. Blocks without parameters are left out (None).
+    * Mode and model: a private float64 copy in eval mode by default (BatchNorm running statistics, no dropout); a
+      random forward pass (dropout in ``mode="train"``) is refused in ``prepare`` (``check_deterministic``).
+
+    Writes ``measurements/BlockSpectrumDensity_<run id>.jsonl`` and, under
+    ``figures/Measurements/Hessian_Measurement/<run id>/``, ``block_density_round_RRRR`` (all blocks' densities,
+    log density axis) and ``block_js_heatmap_round_RRRR`` (the JS distance matrix) per measurement, named by the
+    round measured (a second measurement of the same round redraws them), and ``js0_over_training`` redrawn after
+    each measurement. See docs/block_spectra.md.
+    """
+
+    def __init__(self, *, probes: int = 8, lanczos_steps: int = 40, sigma: float = 0.01, grid_points: int = 1000,
+                 js_normalisation: str = "spectral_radius", curvature: str = "hessian", memory_budget_mb: float = 256,
+                 max_basis_mb: float = 2048, batch_size: int = 256, mode: str = "eval", dtype: str = "float64",
+                 seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, mode=mode, dtype=dtype, seed=seed)
+        self.probes, self.lanczos_steps = positive_int("probes", probes), positive_int("lanczos_steps", lanczos_steps)
+        self.sigma = positive_float("sigma", sigma)
+        self.grid_points = positive_int("grid_points", grid_points)
+        if self.grid_points < min_grid_points(self.sigma):
+            raise ValueError(f"grid_points={grid_points} cannot resolve sigma={sigma:g}: need grid_points >= "
+                             f"{min_grid_points(self.sigma)}, or a larger sigma")
+        check_normalisation(js_normalisation)
+        check_curvature(curvature)
+        self.memory_budget_mb = positive_float("memory_budget_mb", memory_budget_mb)
+        self.max_basis_mb = positive_float("max_basis_mb", max_basis_mb)
+        self.js_normalisation, self.curvature = js_normalisation, curvature
+
+    def config(self) -> dict[str, Any]:
+        return {"probes": self.probes, "lanczos_steps": self.lanczos_steps, "sigma": self.sigma,
+                "grid_points": self.grid_points, "js_normalisation": self.js_normalisation,
+                "curvature": self.curvature, "memory_budget_mb": self.memory_budget_mb,
+                "max_basis_mb": self.max_basis_mb, **super().config()}
+
+    def prepare(self, frame: Any) -> None:
+        """Refuse, before training, bases over ``max_basis_mb`` and a random forward pass."""
+        sizes = hessian.block_sizes(frame.center_model)
+        numbers = self.probes * sum(min(self.lanczos_steps, n) * n for n in sizes)
+        mb = numbers * torch.finfo(DTYPES[self.dtype]).bits / 8 / 2**20
+        if mb > self.max_basis_mb:
+            raise ValueError(f"BlockSpectrumDensity keeps every Lanczos vector (full reorthogonalisation): "
+                             f"probes x steps x block sizes = {numbers} numbers, {mb:.0f} MB in {self.dtype}, above "
+                             f"max_basis_mb={self.max_basis_mb:g}; lower probes or lanczos_steps, or raise "
+                             "max_basis_mb")
+        model, inputs, targets = self._problem(frame)
+        check_deterministic(FlatLoss(model, frame.criterion, inputs, targets))
+
+    def measure(self, frame: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        model, inputs, targets = self._problem(frame)
+        hvp = make_batched_hvp(model, frame.criterion, inputs, targets, self.memory_budget_mb, self.curvature)
+        slq = block_slq(hvp, hvp.block_sizes, probes=self.probes, steps=self.lanczos_steps, seed=self.seed)
+        dens = spectral_densities(slq, sigma=self.sigma, grid_points=self.grid_points,
+                                  normalisation=self.js_normalisation)
+        labels = [f"{b}:{type(block).__name__}" for b, block in enumerate(frame.center_model.blocks)]
+        traces, extremes = trace_estimates(slq), lambda_extremes(slq)
+        record = {
+            "curvature": self.curvature, "dtype": self.dtype, "mode": self.mode, "batch_samples": len(inputs),
+            "probes": self.probes, "lanczos_steps": self.lanczos_steps, "steps": slq.steps,
+            "block_sizes": slq.block_sizes, "block_labels": labels,
+            "hvps": slq.hvps, "batched_calls": slq.calls,
+            "ritz_values": [None if v is None else v.tolist() for v in slq.ritz_values],
+            "ritz_weights": [None if w is None else w.tolist() for w in slq.ritz_weights],
+            "lambda_max": [None if e is None else e[1] for e in extremes],
+            "lambda_min": [None if e is None else e[0] for e in extremes],
+            "trace": [None if t is None else t[0] for t in traces],
+            "trace_se": [None if t is None else t[1] for t in traces],
+            "sigma": self.sigma, "js_normalisation": self.js_normalisation,
+            "js_definition": "Jensen-Shannon distance sqrt(JSD), base-2 logarithms, in [0, 1], between the blocks' "
+                             "densities as discrete distributions on density_grid",
+            "scale": dens.scales, "density_grid": dens.grid.tolist(),
+            "density": [None if d is None else d.tolist() for d in dens.densities],
+            "js_matrix": [[None if v != v else v for v in row] for row in dens.js.tolist()], "js0": dens.js0}
+        record["figures"] = self._density_figures(frame, record)
+        return {**record, "wall_time": time.perf_counter() - start}
+
+    def _density_figures(self, frame: Any, record: dict[str, Any]) -> list[str]:
+        folder = self.figure_folder(frame)
+        xlabel = ("$\\lambda / \\rho(H_{bb})$ (each block by its spectral radius)"
+                  if self.js_normalisation == "spectral_radius"
+                  else "$\\lambda / \\max_b \\rho(H_{bb})$ (one common scale)")
+        if self.curvature == "ggn":
+            xlabel = xlabel.replace("H_{bb}", "G_{bb}")
+        js0 = "n/a" if record["js0"] is None else f"{record['js0']:.3f}"
+        subtitle = (f"{self.curvature}, {self.probes} probes, {self.lanczos_steps} steps, sigma {self.sigma:g}, "
+                    f"{record['batch_samples']} samples, {self.mode} mode, {self.dtype}, round {frame.round}")
+        stem = f"round_{frame.round:04d}"
+        written = []
+        try:
+            written += hfig.draw_block_densities(
+                record["density_grid"], record["density"], record["block_labels"],
+                folder / f"block_density_{stem}", title=f"block spectral densities, JS$_0$ = {js0} ({frame.run_id})",
+                subtitle=subtitle, xlabel=xlabel)
+            js = [[math.nan if v is None else v for v in row] for row in record["js_matrix"]]
+            written += heatmap(torch.tensor(js, dtype=torch.float64).numpy(),
+                               folder / f"block_js_heatmap_{stem}", labels=record["block_labels"],
+                               title=f"JS distance between block spectra ({frame.run_id})",
+                               colorbar_label="JS distance (base 2)", scale="coupling", mask_diagonal=True,
+                               subtitle=f"{self.js_normalisation} normalisation, sigma {self.sigma:g}, "
+                                        f"{self.curvature}, round {frame.round}")
+        except OSError as err:  # a figure that cannot be written is a warning, the numbers are still logged
+            frame.log(f"Warning: BlockSpectrumDensity could not write its figures: {err}")
+        return [str(p) for p in written]
+
+    def log_measurement(self, frame: Any, record: Any) -> None:
+        """Log the record (with the training samples so far), then redraw ``js0_over_training``."""
+        super().log_measurement(frame, record)
+        if not isinstance(record, dict) or self.log_path is None:
+            return
+        records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        data = hfig.js0_over_training(records, frame.history)
+        if not data["rounds"]:
+            return
+        try:
+            hfig.draw_js0_over_training(data, self.figure_folder(frame) / "js0_over_training",
+                                        title=f"block heterogeneity JS$_0$ over training ({frame.run_id})")
+        except OSError as err:
+            frame.log(f"Warning: BlockSpectrumDensity could not write js0_over_training: {err}")
