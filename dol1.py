@@ -48,13 +48,13 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 120,  # rounds to train (entire: one step per round; block-wise: K local steps per active block)
     "K": 1,  # local steps per block per round (block-wise modes)
     "block_update": "jacobi",  # jacobi (all blocks from the round's centre) | gauss_seidel (from the latest centre)
-    "block_order": "cyclic",  # which blocks, in which order: cyclic | reverse (BAdam-style turns) | random (seeded)
-    "active_share": 1.0,  # share of blocks updated per round, in (0, 1]; a seeded random subset when < 1
+    "block_order": "cyclic",  # which blocks, in which order: cyclic | reverse (BAdam's turns, up or down) | random
+    "active_share": 1.0,  # share of blocks updated per round, in (0, 1]; which ones: --block_order
     "gamma": 1.0,  # damping of the gather, in (0, 1]: centre <- centre + gamma*(update - centre)
     "link_latency": 0.0,  # simulated network: seconds per message (latency + bytes / bandwidth; see docs/modes.md)
     "link_bandwidth": 0.0,  # simulated network: bytes per second of a link (0 = infinite)
     "communication_delay": 0.0,  # deprecated name of link_latency (seconds per message)
-    "n_workers": 0,  # blockwise mode: worker processes (0 = one per block, capped at CPU cores or GPUs)
+    "n_workers": 0,  # blockwise and async modes: worker processes (0 = one per block; blockwise caps it at the cores)
     "max_staleness": -1,  # async modes: bound s on how far a worker may run ahead (0 = synchronous, -1 = unbounded)
     "worker_speeds": [],  # async modes: relative time per local step, one per worker ([] = all 1.0)
     "step_time": 0.0,  # async_sequential: virtual seconds per local step at speed 1 (0 = measured)
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "measurement_sampling_rate": 399,  # rounds between measurements, plus one at the end (0 = never, 1 = every round)
     "measurement_rounds": None,  # also measure at these rounds: a list such as [0,10,50], or log (0,1,3,10,30,...,end)
     "eval_samples": 2048,  # samples of the big training batch and of the test split used per progress check
-    "plot_x": "samples",  # x-axis of the training curve: samples | round | steps | forward_sample_passes | wall_time
+    "plot_x": "samples",  # x-axis of the training curve: samples | round | steps | train_time | … (docs/keys.md)
     "units_file": "",  # plugin list ("" = measurements/Units.txt)
     "output_root": "",  # folder that holds reports/, figures/, measurements/ ("" = the project folder)
     "tensorboard": False,  # also write TensorBoard event files to <output_root>/tensorboard/R<hash>/
@@ -469,6 +469,10 @@ def main(argv: Sequence[str] | None = None, raise_errors: bool = False) -> Frame
         if claim is not None:
             try:
                 return train(frame, spec)  # it takes the signals over for the run's closing
+            except KeyboardInterrupt:  # a signal in the instant before train took the signals over
+                if frame.reporter.status == "alive":
+                    frame.reporter.finish("interrupted", "before training started")
+                raise SystemExit(130) from None
             finally:
                 claim.release()
     if spec.torchrun_worker is not None and not H["measure_only"]:

@@ -298,7 +298,8 @@ def execute(args: argparse.Namespace, runs: list[sw.Run], spec: sw.Spec, sweep_i
     try:
         with sw.tracker_lock(tracker):
             scheduler = sw.Scheduler(runs, slots, tracker, {"id": sweep_id, "grid": spec.grid, "fixed": spec.fixed,
-                                                            **({"zip": spec.linked} if spec.linked else {})},
+                                                            **({"zip": spec.linked} if spec.linked else {}),
+                                                            **({"summary": spec.summary} if spec.summary else {})},
                                      dol1=PROJECT_ROOT / "dol1.py", python=sys.executable,
                                      max_attempts=args.max_attempts, grace=args.grace,
                                      poll_interval=args.poll_interval, launcher=make_launcher(args),
@@ -347,13 +348,16 @@ def summarize(args: argparse.Namespace) -> None:
         _fail(f"--summarize {str(tracker)!r}: no such tracker file (master.py writes progress_tracker.json, or the "
               f"file given to --tracker)", 2)
     try:
-        sweeps = sw.sweeps_in_tracker(sw.read_tracker(tracker))
+        data = sw.read_tracker(tracker)
+        sweeps = sw.sweeps_in_tracker(data)
         if args.y is not None:
             sw.check_y(args.y, [run for runs, *_ in sweeps.values() for run in runs])
     except sw.SweepError as err:
         _fail(f"--summarize: {err}", 2)
     for sweep_id, (runs, entries, grid, fixed) in sweeps.items():
-        show_summary(runs, entries, grid, fixed, sweep_id, args.x or args.plot_x, args.y or "loss")
+        spec_summary = data["sweeps"][sweep_id].get("summary") or {}  # the sweep file's y and x, unless given
+        show_summary(runs, entries, grid, fixed, sweep_id, args.x or spec_summary.get("x") or args.plot_x,
+                     args.y or spec_summary.get("y") or "loss", args.plot_x)
     if len(sweeps) > 1:  # several specs of one tracker: also one table of all their runs
         runs = list({r.run_id: r for runs, *_ in sweeps.values() for r in runs}.values())
         entries = {k: v for _, e, *_ in sweeps.values() for k, v in e.items()}

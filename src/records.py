@@ -52,6 +52,8 @@ def identity(H: Mapping[str, Any], units_text: str) -> dict[str, Any]:
     """The settings a run id hashes: H without the placement keys, plus the units file's text."""
     mode = str(H.get("training_mode", ""))
     kept = {k: v for k, v in H.items() if k not in PLACEMENT_KEYS or (mode in WORKER_MODES and k == "n_workers")}
+    if mode in ("entire", *ASYNC_MODES):  # every block, every round: the block order changes nothing there
+        kept.pop("block_order", None)
     if mode not in ASYNC_MODES:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
         kept = {k: v for k, v in kept.items() if k not in ASYNC_KEYS}
     return {**kept, "units_text": units_text}

@@ -181,7 +181,9 @@ class Frame:
 
     def send(self, worker: int, nbytes: int, receivers: int = 1) -> float:
         """Count one message of ``nbytes`` sent by (or to) ``worker`` for ``receivers``; returns its time on the
-        simulated link (the caller sleeps it, or adds it to virtual time)."""
+        simulated link (the caller sleeps it, or adds it to virtual time). No receivers, no message."""
+        if receivers < 1:
+            return 0.0
         c = self.counters
         for counts in (c.worker_messages, c.worker_bytes):
             counts.extend([0] * (worker + 1 - len(counts)))

@@ -95,6 +95,7 @@ def measure_saved_model(run_or_path: str | Path, output_root: str | Path | None,
         frame.paths.measurements.mkdir(parents=True, exist_ok=True)
         log = frame.paths.measurements / f"{type(unit).__name__}_{record.run_id}.jsonl"
         unit.log_path, unit.count = log, len(log.read_text().splitlines()) if log.exists() else 0
+        unit.figure_suffix = "_measure_only"  # its figures beside the training's, not over them
         unit.log_measurement(frame, {**unit.measure(frame), "measure_only": True})
         logs.append(log)
     return frame, logs

@@ -111,6 +111,9 @@ def load_spec(grid: str | None = None, fixed: str | None = None, sweep_file: str
         if unknown:
             raise SweepError(f"sweep file {str(sweep_file)!r}: unknown parts {unknown}; valid: ['about', 'fixed', "
                              f"'grid', 'summary', 'zip']")
+        if set(spec.get("summary") or {}) - {"y", "x"}:
+            raise SweepError(f"sweep file {str(sweep_file)!r}: unknown summary keys "
+                             f"{sorted(set(spec['summary']) - {'y', 'x'})}; valid: ['x', 'y']")
         for part, kind in (("grid", dict), ("fixed", dict), ("zip", list), ("summary", dict)):
             if spec.get(part) is not None and not isinstance(spec[part], kind):
                 raise SweepError(f"sweep file {str(sweep_file)!r}: {part!r} must be a JSON "
@@ -142,8 +145,8 @@ def load_spec(grid: str | None = None, fixed: str | None = None, sweep_file: str
 def _relative_to(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A sweep file's relative ``units_file``/``settings_file``/``data_root`` made relative to the file's folder."""
     def fix(settings: dict[str, Any], listed: bool) -> dict[str, Any]:
-        return {k: ([_resolve_path(x, folder) for x in v] if listed else _resolve_path(v, folder))
-                if k in PATH_KEYS else v for k, v in settings.items()}
+        return {k: ([_resolve_path(x, folder) for x in v] if listed and isinstance(v, list) else
+                    v if listed else _resolve_path(v, folder)) if k in PATH_KEYS else v for k, v in settings.items()}
     return {**spec, "grid": fix(spec.get("grid") or {}, True), "fixed": fix(spec.get("fixed") or {}, False),
             "zip": [fix(b, False) if isinstance(b, dict) else b for b in spec.get("zip") or []]}
 

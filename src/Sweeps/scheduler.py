@@ -276,7 +276,7 @@ class Scheduler:
         """Reconcile the tracker with what is alive: skip done runs, adopt live ones, judge the dead, queue the rest."""
         self.data["sweeps"][self.sweep["id"]] = {
             **self.data["sweeps"].get(self.sweep["id"], {"started": now()}), "grid": self.sweep["grid"],
-            "fixed": self.sweep["fixed"], **({"zip": self.sweep["zip"]} if self.sweep.get("zip") else {}),
+            "fixed": self.sweep["fixed"], **{k: self.sweep[k] for k in ("zip", "summary") if self.sweep.get(k)},
             "runs": [r.run_id for r in self.runs], "status": "running"}
         for run in self.runs:
             entry = self.data["runs"].setdefault(run.run_id, {

@@ -235,7 +235,8 @@ def results_text(runs: list[Run], entries: dict[str, dict[str, Any]], sweep_id: 
     if not targets.empty:
         text += "\nTargets (first progress check that reached each; seeds that reached it):\n\n" + \
             analysis.markdown(targets)
-    if "n_workers" in keys or frame.get("messages", frame["round"] * 0).fillna(0).max() > 0:
+    link = frame.get("link_time", frame["round"] * 0).fillna(0)
+    if {"n_workers", "link_latency", "link_bandwidth", "communication_delay"} & set(keys) or link.max() > 0:
         drawn += analysis.draw_resources(frame, keys, figures / f"sweep_{sweep_id}_resources",
                                          title=f"sweep {sweep_id}: memory and communication per worker")
     return text, drawn, [records]

@@ -127,10 +127,11 @@ def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: s
                     label=f"pair {pair}")
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$ (log scale)")
         values = [v for line in ax.lines for v in line.get_ydata() if math.isfinite(v)]
-        if values and min(values) > 0:  # a degenerate early ratio (up to ~10) must not flatten the rest
+        log = bool(values) and min(values) > 0  # a degenerate early ratio (up to ~10) must not flatten the rest
+        if log:
             ax.set_yscale("log")
+        ax.set_ylabel("coupling $S_{ij}/\\sqrt{S_{ii}S_{jj}}$" + (" (log scale)" if log else ""))
         ax.grid(alpha=0.3, which="both")
         readable_ticks(ax)
         _second_axis(ax, data, 0 if xkey == "rounds" else 1)

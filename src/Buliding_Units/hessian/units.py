@@ -67,6 +67,7 @@ class _HessianUnit(MeasurementUnit):
         return model, inputs, targets
 
     norm_range: list[float] | None = None  # the log-scale range of this run's norm heat-maps so far
+    figure_suffix = ""  # "_measure_only" for a --measure_only measurement: it never replaces a training one's figures
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "norm_range": self.norm_range}
@@ -89,7 +90,8 @@ class _HessianUnit(MeasurementUnit):
             if not coupling:
                 self.norm_range = hfig.grow_range(self.norm_range, matrix.tolist())
             try:
-                paths = heatmap(matrix.numpy(), folder / f"{stem}_{frame.round if index is None else index:03d}",
+                name = f"{stem}_{frame.round if index is None else index:03d}{self.figure_suffix}"
+                paths = heatmap(matrix.numpy(), folder / name,
                                 labels=labels, title=f"{title} ({frame.run_id})", colorbar_label=bar,
                                 scale="coupling" if coupling else "log", mask_diagonal=coupling,
                                 value_range=None if coupling else self.norm_range, subtitle=subtitle)
@@ -386,7 +388,7 @@ class BlockSpectrumDensity(_HessianUnit):
         js0 = "n/a" if record["js0"] is None else f"{record['js0']:.3f}"
         subtitle = (f"{self.curvature}, {self.probes} probes, {self.lanczos_steps} steps, sigma {self.sigma:g}, "
                     f"{record['batch_samples']} samples, {self.mode} mode, {self.dtype}, round {frame.round}")
-        stem = f"round_{frame.round:04d}"
+        stem = f"round_{frame.round:04d}{self.figure_suffix}"
         written = []
         try:
             written += hfig.draw_block_densities(
