@@ -33,11 +33,13 @@ from src.Optimizer_Engines import ENGINES  # noqa: E402 - names every engine, im
 DEFAULTS: dict[str, Any] = {
     # --- what to train ---
     "training_mode": "blockwise_sequential",  # an engine of the table (see below) or a dotted path package.module.function
-    "model": "residual_cnn",  # linear_nn | mlp | cnn | residual_cnn | cnn_ensemble | feedforward_ensemble | ResNet18 | ResNet34
-    "config": [16, 32, 32],  # hidden widths / channels per block; a list of such lists for the ensembles
+    "model": "residual_cnn",  # linear_nn | mlp | cnn | residual_cnn | cnn_ensemble | feedforward_ensemble | ResNet18 | ResNet34 | vit | gpt
+    "config": [16, 32, 32],  # widths / channels per block; ensembles: a list of such lists; vit, gpt: equal widths ([64, 64] if not given)
     "beta": 0.5,  # residual_cnn: out = act(beta*skip(x) + (1-beta)*F(x)), in [0, 1]
     "voting_method": "average",  # ensembles: average | random (random member per sample in training only)
-    "dataset_name": "digits",  # digits (bundled, offline) | digits_flat | mnist | mini_mnist | cifar10 | ... | diabetes
+    "heads": 0,  # vit, gpt: attention heads per layer, a divisor of the width (0 = width // 16)
+    "dataset_name": "digits",  # digits (bundled, offline) | digits_flat | mnist | mini_mnist | cifar10 | ... | diabetes | python_docs (text)
+    "context": 64,  # gpt on python_docs only: characters per sample (the sequence length), >= 2
     "data_root": "",  # folder of torchvision datasets ("" = <project>/data)
     "seed": 0,  # seeds the initial weights, the batch order and the active-block draws
     # --- optimisation ---
@@ -109,7 +111,7 @@ if __name__ == "__main__":  # answer --help and a misspelled flag in a fraction 
         signal.signal(_sig, _stopped_while_importing)
 
 # everything below imports torch
-from src.Architectures.Models import MODELS  # noqa: E402
+from src.Architectures.Models import DEFAULT_CONFIGS, MODELS, task_mismatch  # noqa: E402
 from src.Buliding_Units.measurement_schedule import measuring, parse_measurement_rounds  # noqa: E402
 from src.Buliding_Units.Model_frames import (OPTIMIZERS, Frame, RunContext, device_note,  # noqa: E402
                                              generate_ModelFrame)
@@ -132,7 +134,8 @@ CHOICES = {"block_update": BLOCK_UPDATES, "block_order": BLOCK_ORDERS, "voting_m
            "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS, "plot_x": X_AXES}  # the tables, live
 AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0, "checkpoint_every": 0,
-            "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0, "link_latency": 0, "link_bandwidth": 0}
+            "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0, "link_latency": 0, "link_bandwidth": 0,
+            "heads": 0, "context": 2}
 RANGES = {"step_size": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
           "active_share": (lambda v: 0 < v <= 1, "in (0, 1]"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"),
@@ -161,6 +164,8 @@ def validate(H: dict[str, Any]) -> EngineSpec:
         check(ok(H[key]), f"--{key} must be {text}, got {H[key]}")
     check(isinstance(H["config"], list) and len(H["config"]) > 0,
           f"--config must be a non-empty list such as [8, 8] or [[16, 16], [32, 32]], got {H['config']!r}")
+    mismatch = task_mismatch(H["model"], H["dataset_name"], DATASETS[H["dataset_name"]].task)
+    check(mismatch is None, str(mismatch))
     check(H["target_value"] is None or isinstance(H["target_value"], (int, float))
           and not isinstance(H["target_value"], bool), f"--target_value must be a number or None, got "
                                                         f"{H['target_value']!r}")
@@ -215,6 +220,9 @@ def resolve_config(argv: Sequence[str] | None = None, raise_errors: bool = False
                         description=__doc__.split("\n\n")[0], bare={"resume": "yes"}, raise_errors=raise_errors)
     if isinstance(H["target_value"], int) and not isinstance(H["target_value"], bool):
         H["target_value"] = float(H["target_value"])  # 1 and 1.0 are one experiment (and one run id)
+    if H["model"] in DEFAULT_CONFIGS and H["config"] == DEFAULTS["config"] and not any(
+            a == "--config" or a.startswith("--config=") for a in argv):
+        H["config"] = list(DEFAULT_CONFIGS[H["model"]])  # the shared default suits the CNNs, not a Transformer
     validate(H)
     return H
 
@@ -429,7 +437,8 @@ def train(frame: Frame, spec: EngineSpec, progress: Callable[[int, int], None] |
     status = "diverged" if frame.stop_kind == "non_finite" else "stopped" if frame.stop_reason else "finished"
     frame.reporter.finish(status, frame.stop_reason)
     last = frame.history[-1] if frame.history else {}
-    values = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy")
+    values = ", ".join(f"{k} = {last[k]:.4g}" for k in ("loss", "accuracy", "test_loss", "test_accuracy",
+                                                      "test_bits_per_char")
                        if isinstance(last.get(k), float) and math.isfinite(last[k]))
     print(f"dol1.py: {status} after {frame.round} rounds ({last.get('wall_time', 0.0):.1f} s): {values}", flush=True)
     return frame

@@ -4,8 +4,9 @@
   text of its units file, never where it runs: :data:`PLACEMENT_KEYS` (device, folders, checkpoint cadence, resume
   and measure-only switches, the training curve's x-axis; the worker count except in :data:`WORKER_MODES`) are left
   out, so the same experiment on another GPU or into another folder keeps its id, and an edited ``Units.txt`` gets
-  a new one. Thread counts are left out as well but recorded: a trajectory is bit-reproducible only at the same
-  threads, device and library versions. ``--tag`` enters the id, for deliberate repeats.
+  a new one. Keys that matter to some models or data sets only (:data:`SCOPED_KEYS`: ``heads``, ``context``)
+  enter only those runs' ids. Thread counts are left out as well but recorded: a trajectory is bit-reproducible only
+  at the same threads, device and library versions. ``--tag`` enters the id, for deliberate repeats.
 * **Record.** :func:`reproducibility_record`: argv, threads and the thread variables, host, Python / torch /
   torchvision / numpy versions, CUDA and cuDNN, git commit with a dirty flag and a hash of the diff.
 * **Claim.** :class:`RunClaim` holds an exclusive ``flock`` on ``reports/R<hash>.lock`` for the run's whole life;
@@ -40,6 +41,9 @@ PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_work
 WORKER_MODES = ("blockwise", "async", "async_sequential")
 ASYNC_MODES = ("async", "async_sequential")
 ASYNC_KEYS = ("max_staleness", "worker_speeds", "step_time")
+# keys that change only some models or data sets enter only their run ids (key -> (setting, values where it counts)),
+# so a run of any other model or data set keeps the id it had before the key existed
+SCOPED_KEYS = {"heads": ("model", ("vit", "gpt")), "context": ("dataset_name", ("python_docs",))}
 RESUME_MODES = ("no", "yes", "auto")  # --resume: or a run id R<hash>
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
@@ -56,6 +60,7 @@ def identity(H: Mapping[str, Any], units_text: str) -> dict[str, Any]:
         kept.pop("block_order", None)
     if mode not in ASYNC_MODES:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
         kept = {k: v for k, v in kept.items() if k not in ASYNC_KEYS}
+    kept = {k: v for k, v in kept.items() if k not in SCOPED_KEYS or H.get(SCOPED_KEYS[k][0]) in SCOPED_KEYS[k][1]}
     return {**kept, "units_text": units_text}
 
 

@@ -210,6 +210,8 @@ def format_progress(m: Mapping[str, Any]) -> str:
     parts = [f"Energy = {m['loss']:.4g}"] + ([f"Accuracy = {m['accuracy']:.4f}"] if "accuracy" in m else [])
     parts += [f"Test Loss = {m['test_loss']:.4g}"]
     parts += [f"Test Accuracy = {m['test_accuracy']:.4f}"] if "test_accuracy" in m else []
+    parts += [f"BitsPerChar = {m['bits_per_char']:.4g}, Test BitsPerChar = {m['test_bits_per_char']:.4g}"] \
+        if "test_bits_per_char" in m else []
     parts += [f"Steps = {m['steps']}", f"Samples = {m['samples']}"]
     if "forward_sample_passes" in m:
         parts.append(f"BlockUpdates = {m['block_updates']}, SamplePasses = {m['forward_sample_passes']} forward"

@@ -132,8 +132,8 @@ def test_unknown_dataset_lists_sorted_names():
         load_data("nope")
     message = str(info.value)
     assert "'nope'" in message and str(sorted(DATASETS)) in message
-    assert set(TORCHVISION_SETS) | {"digits", "digits_flat", "ones", "synthetic_regression", "diabetes"} \
-        == set(DATASETS)
+    assert set(TORCHVISION_SETS) | {"digits", "digits_flat", "ones", "synthetic_regression", "diabetes",
+                                    "python_docs"} == set(DATASETS)
 
 
 # --- the data-order contract ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Model loaders (the seed's ``load_*`` helpers, in its argument order) and ``MODELS``, the name → builder table.
 
 A builder takes ``(config, input_shape, output_dim, **options)`` — ``input_shape`` without the batch dimension, e.g.
-(3, 32, 32) or (64,); ``options`` are settings some models read (``beta``, ``voting_method``) — and returns a model
-whose layers are an ``nn.ModuleList`` called ``blocks``. ``build_model`` checks the name and shapes first.
+(3, 32, 32) or (64,); ``options`` are settings some models read (``beta``, ``voting_method``, ``heads``) — and
+returns a model whose layers are an ``nn.ModuleList`` called ``blocks``. ``build_model`` checks the name and shapes
+first. The Transformers (``vit``, ``gpt``) live in ``transformers.py``, imported when the first one is built.
 """
 
 from __future__ import annotations
@@ -98,6 +99,35 @@ def _resnet(name: str, factory: Callable[..., nn.Module]) -> Callable[..., nn.Mo
     return build
 
 
+def _transformer(name: str) -> Callable[..., nn.Module]:
+    """A builder of ``vit`` or ``gpt`` (``transformers.py``, imported with the first one built)."""
+    def build(config: object, input_shape: tuple[int, ...], output_dim: int, heads: int = 0,
+              **options: Any) -> nn.Module:
+        from .transformers import CharTransformer, VisionTransformer
+        model = VisionTransformer if name == "vit" else CharTransformer
+        return model(config, input_shape, output_dim, heads=heads)
+    return build
+
+
+# Models whose default config is their own: the shared --config default [16, 32, 32] (unequal widths, meant for
+# the CNNs) does not suit a Transformer, so dol1.py gives these models this config when --config is not given.
+DEFAULT_CONFIGS: dict[str, list[int]] = {"vit": [64, 64], "gpt": [64, 64]}
+# Models of token sequences: they and only they take the language_model task (python_docs).
+LANGUAGE_MODELS = ("gpt",)
+
+
+def task_mismatch(model: str, dataset: str, task: str) -> str | None:
+    """Why ``model`` cannot train on ``dataset`` of ``task`` (a language model on other data, another model on
+    text), or None."""
+    if model in LANGUAGE_MODELS and task != "language_model":
+        return (f"--model {model} is a character language model: it needs a text data set (--dataset_name "
+                f"python_docs), not {dataset} (a {task} task)")
+    if model not in LANGUAGE_MODELS and task == "language_model":
+        return (f"--dataset_name {dataset} is a language_model task (sequences of character ids): only "
+                f"--model {' | '.join(LANGUAGE_MODELS)} takes it, not {model}")
+    return None
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "linear_nn": lambda config, shape, out, **o: FeedForwardNetwork(  # MLP with identity activations
         _widths("linear_nn", config), math.prod(shape), out, activation=nn.Identity),
@@ -111,6 +141,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         _member_widths("feedforward_ensemble", config), math.prod(shape), out, voting_method),
     "ResNet18": _resnet("ResNet18", load_resnet18),
     "ResNet34": _resnet("ResNet34", load_resnet34),
+    "vit": _transformer("vit"),  # small Vision Transformer (transformers.py, loaded when built)
+    "gpt": _transformer("gpt"),  # small decoder-only character Transformer (transformers.py)
 }
 
 
@@ -119,7 +151,7 @@ def build_model(name: str, config: object, input_shape: Sequence[int], output_di
 
     Raises:
         ValueError: an unknown name, a malformed config, an input shape the model cannot take, or a bad option
-            value (beta outside [0, 1], an unknown voting method).
+            value (beta outside [0, 1], an unknown voting method, heads that do not divide a Transformer's width).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")

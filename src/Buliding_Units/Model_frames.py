@@ -8,7 +8,8 @@ and the plugins:
 
 * ``Disributed_frame`` adds ``distributed_models`` (one full model copy per block, each with an optimiser over that
   block only) and the communication stage (gather with damping, delay, scatter);
-* ``ImageClassifier_frame_*`` use cross-entropy and report accuracy; ``Regression_frame_*`` use MSE in every mode.
+* ``ImageClassifier_frame_*`` use cross-entropy and report accuracy; ``Regression_frame_*`` use MSE in every mode;
+  ``LanguageModel_frame_*`` the next-character cross-entropy (accuracy over every target character).
 
 ``generate_ModelFrame(H)`` picks the model and the frame from tables.
 """
@@ -24,10 +25,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from src.Architectures.Models import build_model
+from src.Architectures.Models import build_model, task_mismatch
 from src.blocks import block_bytes, block_tensors
 from src.cli import ConfigError
 from src.Data import TaskData, load_data
+from src.Data.datasets import DEFAULT_CONTEXT
 from src.Optimizer_Engines import ENGINES
 from src.reporting import Paths, Reporter
 from src.utils import available_host_bytes, set_seed
@@ -284,12 +286,31 @@ class Regression_frame_blockwis(Disributed_frame):
     """Block-wise training of a regressor (MSE in every mode; no accuracy)."""
 
 
+class LanguageModel_frame_entire(ImageClassifier_frame_entire):
+    """Whole-model training of a next-character model (cross-entropy over every position, accuracy per character)."""
+
+
+class LanguageModel_frame_blockwise(ImageClassifier_frame_blockwise):
+    """Block-wise training of a next-character model."""
+
+
+class NextTokenCrossEntropy(nn.CrossEntropyLoss):
+    """The language_model loss: logits (N, T, V) and targets (N, T) -> the mean cross-entropy over all N·T
+    characters (``reduction="none"``: (N, T)), in nats; bits per character = loss / ln 2."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss.view(targets.shape) if self.reduction == "none" else loss
+
+
 # (task, block copies?) -> (frame class, criterion factory)
 FRAMES: dict[tuple[str, bool], tuple[type[Frame], Callable[[], nn.Module]]] = {
     ("classification", False): (ImageClassifier_frame_entire, nn.CrossEntropyLoss),
     ("classification", True): (ImageClassifier_frame_blockwise, nn.CrossEntropyLoss),
     ("regression", False): (Regression_frame_entire, nn.MSELoss),
     ("regression", True): (Regression_frame_blockwis, nn.MSELoss),
+    ("language_model", False): (LanguageModel_frame_entire, NextTokenCrossEntropy),
+    ("language_model", True): (LanguageModel_frame_blockwise, NextTokenCrossEntropy),
 }
 
 MEMORY_SHARE = 0.8  # a model (with its copies and optimiser state) may take at most this share of free memory
@@ -300,7 +321,7 @@ def _build_checked(H: Mapping[str, Any], data: TaskData, device: torch.device, c
     ``copies`` counts the extra model copies of a block-wise frame, Adam's state doubles the parameters."""
     def build(shape: tuple[int, ...] = tuple(data.input_shape)) -> nn.Module:
         return build_model(H["model"], H["config"], shape, data.output_dim, beta=H["beta"],
-                           voting_method=H["voting_method"])
+                           voting_method=H["voting_method"], heads=H.get("heads", 0))
     try:
         with torch.device("meta"):
             n_params = sum(p.numel() for p in build().parameters())
@@ -344,9 +365,12 @@ def generate_ModelFrame(H: Mapping[str, Any], *, device: torch.device | None = N
         block_copies = ENGINES[H["training_mode"]].block_copies
     device = device if device is not None else select_device(H["cuda_core"])
     try:
-        data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"])
+        data = load_data(H["dataset_name"], root=H.get("data_root") or None, device=device, seed=H["seed"],
+                         context=H.get("context", DEFAULT_CONTEXT))
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         raise ConfigError(str(err)) from err
+    if (mismatch := task_mismatch(H["model"], H["dataset_name"], data.task)) is not None:
+        raise ConfigError(mismatch)
     set_seed(H["seed"])
     model = _build_checked(H, data, device, copies=(len(H["config"]) + 2) if block_copies else 0)
     if H["batch_size"] == 0:  # 0 = the largest batch that fits in memory (probed), at most the training set

@@ -315,7 +315,8 @@ class Curriculum(ScheduleUnit):
             raise ValueError(f"Curriculum needs a data set held as tensors; {frame.H['dataset_name']} is decoded "
                              f"from files (use digits, digits_flat, mini_mnist or a regression set)")
         if self.score == "margin" and frame.task != "classification":
-            raise ValueError("score=margin needs a classification data set")
+            raise ValueError(f"score=margin needs a classification data set; {frame.H['dataset_name']} is a "
+                             f"{frame.task} task (use score=loss: the mean loss per sample, per character for text)")
         if self.score == "file":
             try:
                 scores = np.load(self.score_file)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,18 +25,21 @@ from .images import IMAGE_DATASETS, generate_imagedata
 
 EVAL_SEED_OFFSET = 4_242  # the eval subset of a split is seeded with load_data's seed + this
 EVAL_CACHE_BYTES = 256 * 2**20  # decoded eval subsets up to this size are kept on the device
+DEFAULT_CONTEXT = 64  # characters per sample of a text data set (text.py's DEFAULT_CONTEXT, dol1.py's --context)
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A ``DATASETS`` value: the task and a loader ``(root, download, seed) -> (train, test, dim)``."""
+    """A ``DATASETS`` value: the task and a loader ``(root, download, seed, **options) -> (train, test, dim)``;
+    ``options`` names the settings of ``load_data`` the loader takes as keywords (``python_docs``: ``context``)."""
 
-    task: str  # "classification" or "regression"
-    load: Callable[[str | Path | None, bool, int], tuple[Dataset, Dataset, int]]
+    task: str  # "classification", "regression" or "language_model"
+    load: Callable[..., tuple[Dataset, Dataset, int]]
+    options: tuple[str, ...] = ()
 
     def __call__(self, root: str | Path | None = None, download: bool = False,
-                 seed: int = 0) -> tuple[Dataset, Dataset, int]:
-        return self.load(root, download, seed)
+                 seed: int = 0, **options: Any) -> tuple[Dataset, Dataset, int]:
+        return self.load(root, download, seed, **{k: v for k, v in options.items() if k in self.options})
 
 
 def _load_regression(name: str, root: str | Path | None, download: bool, seed: int):
@@ -43,10 +47,16 @@ def _load_regression(name: str, root: str | Path | None, download: bool, seed: i
     return generate_regressiondata(name, seed)
 
 
+def _load_python_docs(root: str | Path | None, download: bool, seed: int, context: int = DEFAULT_CONTEXT):
+    from .text import load_python_docs  # Python's own help texts: local, character windows of ``context``
+    return load_python_docs(root, download, seed, context=context)
+
+
 REGRESSION_NAMES = ("ones", "synthetic_regression", "diabetes")  # regression.py's REGRESSION_DATASETS
 DATASETS: dict[str, DatasetEntry] = {
     **{name: DatasetEntry("classification", partial(generate_imagedata, name)) for name in IMAGE_DATASETS},
     **{name: DatasetEntry("regression", partial(_load_regression, name)) for name in REGRESSION_NAMES},
+    "python_docs": DatasetEntry("language_model", _load_python_docs, options=("context",)),
 }
 
 
@@ -59,9 +69,9 @@ class TaskData:
     """
 
     name: str
-    task: str  # "classification" (targets int64 (N,)) or "regression" (targets float32 (N, d))
+    task: str  # "classification" (targets int64 (N,)), "regression" (float32 (N, d)), "language_model" (int64 (N, T))
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
-    output_dim: int  # number of classes, or the regression target dimension
+    output_dim: int  # number of classes, the regression target dimension, or the vocabulary size
     train: Dataset
     test: Dataset
     device: torch.device
@@ -152,7 +162,8 @@ def _on_device(dataset: Dataset, device: torch.device) -> Dataset:
 
 
 def load_data(name: str, *, root: str | Path | None = None, device: str | torch.device = "cpu",
-              seed: int = 0, download: bool = False, num_workers: int = 2) -> TaskData:
+              seed: int = 0, download: bool = False, num_workers: int = 2,
+              context: int = DEFAULT_CONTEXT) -> TaskData:
     """Load a data set by name and describe its task.
 
     Args:
@@ -162,6 +173,7 @@ def load_data(name: str, *, root: str | Path | None = None, device: str | torch.
         seed: data seed: splits, subsets, synthetic data and eval subsets (not the batch order).
         download: let torchvision download missing files.
         num_workers: ``DataLoader`` workers for the decoded (torchvision) data sets.
+        context: characters per sample of a text data set (``python_docs``); the other sets ignore it.
 
     Raises:
         ValueError: unknown name.
@@ -170,7 +182,7 @@ def load_data(name: str, *, root: str | Path | None = None, device: str | torch.
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
     entry, device = DATASETS[name], torch.device(device)
-    train, test, output_dim = entry(root, download, seed)
+    train, test, output_dim = entry(root, download, seed, context=context)
     train, test = _on_device(train, device), _on_device(test, device)
     return TaskData(name=name, task=entry.task, input_shape=tuple(train[0][0].shape), output_dim=output_dim,
                     train=train, test=test, device=device, seed=seed, num_workers=num_workers)

@@ -165,24 +165,36 @@ def local_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: n
         optimizer.step()
 
 
+ACCURACY_TASKS = ("classification", "language_model")  # tasks whose records carry an accuracy
+
+
 @torch.no_grad()
 def evaluate(frame: Frame, split: str) -> dict[str, float]:
-    """Loss (and accuracy for classification) of the centre model on a split, in eval mode."""
-    model, total, loss_sum, correct = frame.center_model, 0, 0.0, 0
+    """Loss (and accuracy for classification and language models) of the centre model on a split, in eval mode.
+
+    The loss is the mean over samples (a language model's per-sample loss is already the mean over its characters,
+    so this is the mean over all characters); accuracy counts ``out.argmax(-1) == y`` over every target element
+    (one per sample for classification, every next character for a language model). A language model also gets
+    ``bits_per_char`` = loss / ln 2.
+    """
+    model, total, loss_sum, correct, targets = frame.center_model, 0, 0.0, 0, 0
     was_training = model.training
     model.eval()
     try:
         for x, y in frame.data.eval_batches(split, frame.H["eval_samples"]):
             out = model(x)
             loss_sum += frame.criterion(out, y).item() * len(y)
-            if frame.task == "classification":
-                correct += (out.argmax(dim=1) == y).sum().item()
+            if frame.task in ACCURACY_TASKS:
+                correct += (out.argmax(dim=-1) == y).sum().item()
+                targets += y.numel()
             total += len(y)
     finally:
         model.train(was_training)
     result = {"loss": loss_sum / max(total, 1)}
-    if frame.task == "classification":
-        result["accuracy"] = correct / max(total, 1)
+    if frame.task in ACCURACY_TASKS:
+        result["accuracy"] = correct / max(targets, 1)
+    if frame.task == "language_model":
+        result["bits_per_char"] = result["loss"] / math.log(2)
     return result
 
 
