@@ -1,7 +1,10 @@
 """Smoke runs of the benchmark scripts with tiny settings: they run, print their tables, and the ratios are sane."""
+import json
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -67,3 +70,13 @@ def test_bench_async_pieces():
     args = argparse.Namespace(config="[8, 8, 8]", K=1, rounds=2, step_size=0.01)
     run = bench_async._run("async_sequential", 2, [1, 1, 1, 4], args, step_time=1.0)
     assert run[-1]["virtual_time"] > 0 and run[-1]["round"] == 2
+
+
+@pytest.mark.slow
+def test_bench_heterogeneity_smoke(tmp_path, capsys):
+    import bench_heterogeneity
+    bench_heterogeneity.main(["--quick", "--models", "mlp", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| mlp |" in out and "gap SGD − Adam" in out and (tmp_path / "heterogeneity.png").stat().st_size > 0
+    row = json.loads((tmp_path / "heterogeneity.json").read_text())["rows"][0]
+    assert 0 <= row["js0_init"][0] <= 1 and len(row["gap"]) == 1

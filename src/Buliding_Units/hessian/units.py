@@ -56,10 +56,16 @@ class _HessianUnit(MeasurementUnit):
         return {"batch_size": self.batch_size, "mode": self.mode, "dtype": self.dtype, "seed": self.seed}
 
     def _problem(self, frame: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        """A private model copy in the measurement mode and dtype, and the fixed batch (the same at every call)."""
+        """A private model copy in the measurement mode and dtype, and the fixed batch (the same at every call).
+
+        ``batch_size`` counts predictions: for a language model (a sequence of targets per sample) the batch holds
+        ``batch_size // context`` whole sequences (at least one), so a measurement costs about the same per
+        prediction on every task."""
         model = copy.deepcopy(frame.center_model).to(DTYPES[self.dtype])
         model.train(self.mode == "train")
-        inputs, targets = frame.data.sample_batch("train", self.batch_size, self.seed)
+        one = frame.data.sample_batch("train", 1, self.seed)[1][0]
+        per_sample = one.numel() if not one.is_floating_point() else 1  # class labels: one per position
+        inputs, targets = frame.data.sample_batch("train", max(1, self.batch_size // per_sample), self.seed)
         if inputs.is_floating_point():
             inputs = inputs.to(DTYPES[self.dtype])
         if targets.is_floating_point():
