@@ -9,7 +9,8 @@ import pytest
 
 import dol1
 import master
-from src.plots import X_AXES, overlapping_tick_labels, pyplot, training_curve
+from figure_helpers import overlapping_tick_labels
+from src.plots import X_AXES, pyplot, training_curve
 from src.Sweeps import analysis
 from src.Sweeps.grid import Run, Spec, load_spec
 from sweep_helpers import master_args, tiny, tracker
