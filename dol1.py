@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "voting_method": "average",  # ensembles: average | random (random member per sample in training only)
     "heads": 0,  # vit, gpt: attention heads per layer, a divisor of the width (0 = width // 16)
     "dataset_name": "digits",  # digits (bundled, offline) | digits_flat | mnist | mini_mnist | cifar10 | ... | diabetes | python_docs (text)
-    "context": 64,  # gpt on python_docs only: characters per sample (the sequence length), >= 2
+    "context": 64,  # gpt on python_docs only: characters per sample (the sequence length), 2..512
     "data_root": "",  # folder of torchvision datasets ("" = <project>/data)
     "seed": 0,  # seeds the initial weights, the batch order and the active-block draws
     # --- optimisation ---
@@ -130,6 +130,7 @@ from src.utils import deterministic_kept, set_deterministic  # noqa: E402
 
 import torch  # noqa: E402 - after the project's imports, which import it anyway
 
+MAX_CONTEXT = 512
 CHOICES = {"block_update": BLOCK_UPDATES, "block_order": BLOCK_ORDERS, "voting_method": ("average", "random"),
            "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS, "plot_x": X_AXES}  # the tables, live
 AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
@@ -140,7 +141,9 @@ RANGES = {"step_size": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v <
           "active_share": (lambda v: 0 < v <= 1, "in (0, 1]"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"),
           "communication_delay": (lambda v: v <= 3600, "seconds per message, at most 3600"),
-          "link_latency": (lambda v: v <= 3600, "seconds per message, at most 3600")}
+          "link_latency": (lambda v: v <= 3600, "seconds per message, at most 3600"),
+          "context": (lambda v: v <= MAX_CONTEXT, f"at most {MAX_CONTEXT} characters (attention memory grows with its "
+                      "square: a batch of 128 windows of 512 holds 0.5 GB of attention scores per layer)")}
 
 
 def validate(H: dict[str, Any]) -> EngineSpec:
@@ -224,6 +227,10 @@ def resolve_config(argv: Sequence[str] | None = None, raise_errors: bool = False
             a == "--config" or a.startswith("--config=") for a in argv):
         H["config"] = list(DEFAULT_CONFIGS[H["model"]])  # the shared default suits the CNNs, not a Transformer
     validate(H)
+    if H["communication_delay"]:  # the deprecated name: recorded (and identified) as the latency it is
+        H["link_latency"], H["communication_delay"] = H["communication_delay"], 0.0
+        print("dol1.py: warning: --communication_delay is the deprecated name of --link_latency (seconds per "
+              "message); recorded as link_latency", file=sys.stderr)
     return H
 
 

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL on stop")
     parser.add_argument("--poll_interval", type=float, default=0.5, help="seconds between checks of the runs")
     parser.add_argument("--dry_run", action="store_true", help="print the runs and the device plan, start nothing")
-    parser.add_argument("--plot_x", default="samples", choices=list(X_AXES),
-                        help="x-axis of the training-loss figure and of the equal budget for the best step size")
+    parser.add_argument("--plot_x", default=None, choices=list(X_AXES),
+                        help="x-axis of the training-loss figure and of the equal budget for the best step size "
+                        "(default: the first of --x, else samples)")
     parser.add_argument("--x", choices=list(X_AXES), help="x-axis of the summary's curves (default: the sweep "
                         "file's summary.x, else --plot_x)")
     parser.add_argument("--y", help="the quantity the summary draws and tabulates: any progress or measurement field "
@@ -328,7 +329,7 @@ def show_summary(runs: list[sw.Run], entries: dict[str, Any], grid: dict[str, li
     """Write the end-of-sweep files and print the table, the warnings and the file names (``x``: the curves' axis or
     axes; ``plot_x``: the training-loss figure's, default the first of ``x``)."""
     root = runs[0].reports_dir.parent if len({r.reports_dir for r in runs}) == 1 else PROJECT_ROOT
-    xs = x if isinstance(x, list) else [x]
+    xs = (x if isinstance(x, list) else [x]) if x else ["samples"]
     summary = sw.write_summary(runs, entries, grid, fixed, sweep_id, root, plot_x or xs[0], y, xs)
     print(summary.text, end="")
     print(f"summary: {summary.markdown}\ncsv: {summary.csv}"
@@ -361,7 +362,10 @@ def summarize(args: argparse.Namespace) -> None:
     if len(sweeps) > 1:  # several specs of one tracker: also one table of all their runs
         runs = list({r.run_id: r for runs, *_ in sweeps.values() for r in runs}.values())
         entries = {k: v for _, e, *_ in sweeps.values() for k, v in e.items()}
-        grid = {k: v for *_, g, _ in sweeps.values() for k, v in g.items()}
+        grid: dict[str, list] = {}
+        for *_, sweep_grid, _ in sweeps.values():  # the union of every sweep's values of every varied key
+            for key, values in sweep_grid.items():
+                grid.setdefault(key, []).extend(v for v in values if v not in grid.get(key, []))
         fixed = {k: v for *_, f in sweeps.values() for k, v in f.items() if k not in grid}
         show_summary(runs, entries, grid, fixed, "S" + sw.sweep_hash(grid, {"sweeps": sorted(sweeps)})[1:] + "_all",
                      args.x or args.plot_x, args.y or "loss")

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.errorbar(x, y, xerr=statistics.stdev(row["js0_init"]) if len(row["js0_init"]) > 1 else None,
                     yerr=statistics.stdev(row["gap"]) if len(row["gap"]) > 1 else None, fmt="o", capsize=3)
         ax.annotate(row["model"], (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.margins(0.2)  # room for the model names beside the outermost points
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(xlabel="JS$_0$ at initialisation (mean ± std over seeds)",
            ylabel="final training loss, SGD − Adam", title="block heterogeneity and the SGD–Adam gap")

@@ -41,6 +41,7 @@ PLACEMENT_KEYS = ("cuda_core", "data_root", "output_root", "units_file", "n_work
 WORKER_MODES = ("blockwise", "async", "async_sequential")
 ASYNC_MODES = ("async", "async_sequential")
 ASYNC_KEYS = ("max_staleness", "worker_speeds", "step_time")
+BLOCKWISE_KEYS = ("K", "active_share", "gamma", "block_update", "block_order")  # unused by entire training
 # keys that change only some models or data sets enter only their run ids (key -> (setting, values where it counts)),
 # so a run of any other model or data set keeps the id it had before the key existed
 SCOPED_KEYS = {"heads": ("model", ("vit", "gpt")), "context": ("dataset_name", ("python_docs",))}
@@ -56,8 +57,8 @@ def identity(H: Mapping[str, Any], units_text: str) -> dict[str, Any]:
     """The settings a run id hashes: H without the placement keys, plus the units file's text."""
     mode = str(H.get("training_mode", ""))
     kept = {k: v for k, v in H.items() if k not in PLACEMENT_KEYS or (mode in WORKER_MODES and k == "n_workers")}
-    if mode in ("entire", *ASYNC_MODES):  # every block, every round: the block order changes nothing there
-        kept.pop("block_order", None)
+    for key in BLOCKWISE_KEYS if mode == "entire" else ("block_order",) if mode in ASYNC_MODES else ():
+        kept.pop(key, None)  # whole-model steps (or every block, every round): these change nothing there
     if mode not in ASYNC_MODES:  # the asynchronous engines' keys change nothing elsewhere: they never split a run id
         kept = {k: v for k, v in kept.items() if k not in ASYNC_KEYS}
     kept = {k: v for k, v in kept.items() if k not in SCOPED_KEYS or H.get(SCOPED_KEYS[k][0]) in SCOPED_KEYS[k][1]}

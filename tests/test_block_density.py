@@ -267,9 +267,9 @@ def test_unit_end_to_end_records_and_figures(tmp_path):
     assert torch.equal(js, js.T) and (js.diag() == 0).all() and ((js >= 0) & (js <= 1)).all()
     assert last["js0"] == pytest.approx((js[0, 1] + js[0, 2] + js[1, 2]).item() / 3)
     folder = tmp_path / "figures" / "Measurements" / "Hessian_Measurement" / frame.run_id
-    for stem in ("block_density_round_0002", "block_js_heatmap_round_0004", "js0_over_training"):
+    for stem in ("block_density_002", "block_js_heatmap_004", "js0_over_training"):
         assert (folder / f"{stem}.png").exists() and (folder / f"{stem}.pdf").exists()
-    assert str(folder / "block_density_round_0004.png") in last["figures"]
+    assert str(folder / "block_density_004.png") in last["figures"]
 
 
 def test_bench_smoke(capsys):
@@ -284,3 +284,28 @@ def test_bench_smoke(capsys):
         assert len({r[4] for r in model}) == 1  # the same products
         assert int(model[0][5]) > int(model[1][5]) > int(model[2][5])  # fewer batched calls
         assert all(float(r[8]) <= 1e-8 for r in model)
+
+
+def test_js0_of_two_identical_blocks_sits_at_the_probe_noise_floor():
+    """Two blocks with the same Hessian block: JS0 is the estimator's noise, which js0_floor bounds; both shrink as
+    the probes grow."""
+    from src.Buliding_Units.hessian import block_slq, exact_hessian, make_batched_hvp, spectral_densities
+    torch.manual_seed(0)
+
+    class Twins(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            a = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)).double()
+            b = copy.deepcopy(a)
+            self.blocks = torch.nn.ModuleList([a, b])
+
+        def forward(self, x):
+            return self.blocks[0](x) + self.blocks[1](x)
+    model, x, y = Twins().eval(), torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 4, (64,))
+    H = exact_hessian(model, torch.nn.CrossEntropyLoss(), x, y)
+    n = sum(p.numel() for p in model.blocks[0].parameters())
+    assert torch.equal(H[:n, :n], H[n:, n:])
+    hvp = make_batched_hvp(model, torch.nn.CrossEntropyLoss(), x, y)
+    few = spectral_densities(block_slq(hvp, hvp.block_sizes, probes=8, steps=40, seed=0))
+    many = spectral_densities(block_slq(hvp, hvp.block_sizes, probes=64, steps=40, seed=0))
+    assert 0 < few.js0 <= 1.5 * few.js_floor and many.js0 < few.js0 and many.js_floor < few.js_floor

@@ -29,7 +29,9 @@ def test_summarize_rebuilds_a_finished_sweep_without_running_anything(tmp_path, 
     (sweep_id, _), = data["sweeps"].items()
     made = sorted(p.name for p in (out / "figures").glob("sweep*"))
     assert made == sorted([f"sweep_summary_{sweep_id}.md", f"sweep_summary_{sweep_id}.csv",
-                           f"sweep_seeds_{sweep_id}.csv", f"sweep_{sweep_id}.pdf", f"sweep_{sweep_id}.png"])
+                           f"sweep_seeds_{sweep_id}.csv", f"sweep_{sweep_id}.pdf", f"sweep_{sweep_id}.png",
+                           f"sweep_records_{sweep_id}.csv", f"sweep_{sweep_id}_loss_vs_samples.pdf",
+                           f"sweep_{sweep_id}_loss_vs_samples.png"])
     expected = {name: (out / "figures" / name).read_text() for name in made if not name.endswith(("pdf", "png"))}
     shutil.rmtree(out / "figures")
     reports = sorted(p.stat().st_mtime_ns for p in (out / "reports").iterdir())

@@ -179,6 +179,8 @@ def test_next_token_loss_accuracy_and_bits_per_char():
     (["--model", "vit", "--config", "[8]"], ["--heads 0", "< 16"]),
     (["--heads", "-1"], ["--heads", ">= 0"]),
     (["--context", "1"], ["--context", ">= 2"]),
+    (["--model", "gpt", "--dataset_name", "python_docs", "--context", "5000"], ["--context", "at most 512", "5000"]),
+    (["--model", "vit", "--config", "[0]"], ["--config [0]", "positive width", '"[64, 64]"']),
 ])
 def test_dol1_refuses_with_exit_2_and_one_line(tmp_path, capsys, argv, fragments):
     with pytest.raises(SystemExit) as info:

@@ -53,7 +53,7 @@ def layer_shape(name: str, config: object, heads: int = 0) -> tuple[int, int, in
     ok = isinstance(config, (list, tuple)) and config and all(
         isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0 for w in config)
     if not ok or len(set(config)) != 1:
-        raise ValueError(f"model {name!r} needs config to be one width per Transformer layer, all equal (e.g. "
+        raise ValueError(f"model {name!r} needs config to be one positive width per Transformer layer, all equal (e.g. "
                          f"--config \"[64, 64]\": two layers of width 64), got {config!r}")
     width = int(config[0])
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:

@@ -181,7 +181,10 @@ def evaluate(frame: Frame, split: str) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
-        for x, y in frame.data.eval_batches(split, frame.H["eval_samples"]):
+        chunk = 1024  # samples; a sequence's attention costs its length squared, so fewer long ones at a time
+        if frame.task == "language_model":
+            chunk = max(1, 1024 * 64 * 64 // int(frame.H.get("context", 64)) ** 2)
+        for x, y in frame.data.eval_batches(split, frame.H["eval_samples"], chunk):
             out = model(x)
             loss_sum += frame.criterion(out, y).item() * len(y)
             if frame.task in ACCURACY_TASKS:

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from src.plots import X_AXES, pyplot, readable_ticks, save_figure
 from src.reporting import read_metrics, read_report
+from src.Sweeps.compare import short_value
 from src.Sweeps.grid import Run
 
 SEED = "seed"
@@ -62,21 +63,24 @@ def _interpolate(progress: list[dict[str, Any]], round_index: int, key: str) -> 
 
 def measurement_rows(run: Run, progress: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Round -> the scalar fields of every measurement unit's records of ``run`` at that round (first unit wins a
-    name two units share; progress fields are never overwritten)."""
+    name two units share; a unit's field named like a progress field is kept as ``<Unit>.<field>``), with the run's
+    x-axes (samples, steps, round, times) at that round, interpolated between the progress checks around it."""
     rows: dict[int, dict[str, Any]] = {}
     folder = run.reports_dir.parent / "measurements"
+    taken = {key for record in progress for key in record} | set(X_FOR_MEASUREMENTS)
     for log in sorted(folder.glob(f"*_{run.run_id}.jsonl")):
         for record in read_metrics(log):
             if "round" not in record or record.get("measure_only"):
                 continue
-            fields = {k: v for k, v in _flat(record).items() if k not in ("round", "figures")}
+            unit = log.name[:-len(f"_{run.run_id}.jsonl")]
             row = rows.setdefault(int(record["round"]), {})
-            for key, value in fields.items():
-                row.setdefault(key, value)
-    for round_index, row in rows.items():
-        for key in X_FOR_MEASUREMENTS:
-            if row.get(key) is None:
-                row[key] = _interpolate(progress, round_index, key)
+            for key, value in _flat(record).items():
+                if key in ("round", "figures"):
+                    continue
+                # a unit's field named like a progress field (its own wall_time, its Lanczos steps) is the unit's
+                row.setdefault(f"{unit}.{key}" if key in taken else key, value)
+    for round_index, row in rows.items():  # the x-axes are the run's, at the measured round
+        row.update({key: _interpolate(progress, round_index, key) for key in X_FOR_MEASUREMENTS})
     return rows
 
 
@@ -95,7 +99,7 @@ def load_sweep(runs: Iterable[Run] | str | Path, entries: dict[str, dict[str, An
     rows = []
     for run in runs:
         entry = (entries or {}).get(run.run_id, {})
-        settings = {k: _setting_value(v) for k, v in run.H.items()}
+        settings = {k: _setting_value(v) for k, v in sorted(run.H.items())}  # one column order however read
         base = {"run_id": run.run_id, "status": entry.get("status"), "stop_reason": entry.get("detail"),
                 **settings}
         progress = read_metrics(run.metrics)
@@ -117,16 +121,13 @@ def varied_keys(frame: Any, settings: Iterable[str]) -> list[str]:
 
 
 def setting_label(row: Any, keys: list[str]) -> str:
-    """``K=5, n_workers=2``: the varied keys only, seed left out (it is averaged over)."""
-    parts = []
-    for key in keys:
-        value = row[key]
-        parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
-    return ", ".join(parts) or "all runs"
+    """``K=5, n_workers=2``: the varied keys only, seed left out (it is averaged over); paths by file name."""
+    return ", ".join(f"{key}={short_value(key, row[key])}" for key in keys) or "all runs"
 
 
 def curves(frame: Any, y: str, x: str, keys: list[str]) -> dict[str, Any]:
-    """Setting label -> DataFrame of (x mean, y mean, y std, n seeds) per round, over the rows where y is logged."""
+    """Setting label -> DataFrame of (x mean, y mean, y std, n seeds) per round, over the rows where y is logged and
+    at the rounds every seed of the setting logged it (a seed stopped early ends its setting's curve there)."""
     data = frame[frame[y].notna() & frame[x].notna()] if y in frame and x in frame else frame.iloc[0:0]
     data = data[[v is not None and not (isinstance(v, float) and math.isnan(v)) for v in data[y]]]
     setting = [k for k in keys if k != SEED]
@@ -134,7 +135,9 @@ def curves(frame: Any, y: str, x: str, keys: list[str]) -> dict[str, Any]:
     for label, group in (data.groupby(setting, sort=False, dropna=False) if setting else [((), data)]):
         label = setting_label(group.iloc[0], setting)
         stats = group.groupby("round").agg(x=(x, "mean"), y=(y, "mean"), std=(y, "std"), n=(y, "count"))
-        out[label] = stats.reset_index()
+        # only the checks every seed reached: a mean over the seeds still running (the others stopped at a target)
+        # would drift for no reason but who is left
+        out[label] = stats[stats["n"] == stats["n"].max()].reset_index()
     return out
 
 
@@ -245,25 +248,27 @@ def _memory_per_worker(rows: Any, workers: int) -> float | None:
 
 
 def draw_resources(frame: Any, keys: list[str], path: Path, title: str = "") -> list[Path]:
-    """Memory per worker, bytes per worker and communication time against the number of workers, one line per
-    setting of the other varied keys (mean over seeds)."""
+    """Memory per worker, bytes per worker, the modelled link time (``--link_latency``/``--link_bandwidth``) and the
+    measured communication time against the number of workers, one line per setting of the other varied keys (mean
+    over seeds)."""
     table = resource_rows(frame, keys)
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), layout="constrained")
     others = [k for k in keys if k not in (SEED, "n_workers")]
     panels = (("memory_per_worker_MB", "memory per worker (MB)"), ("bytes_per_worker", "bytes sent per worker"),
-              ("communication_time", "communication time (s)"))
+              ("link_time", "modelled link time (s)"), ("communication_time", "measured communication time (s)"))
     groups = table.groupby(others, sort=False, dropna=False) if others else [((), table)]
     for n, (_, group) in enumerate(groups):
         label = setting_label(group.iloc[0], others)
         means = group.groupby("workers").mean(numeric_only=True).reset_index()
         for ax, (column, _) in zip(axes, panels):
-            if means[column].notna().any():
+            if column in means and means[column].notna().any():  # a column of None only is dropped by mean
                 ax.plot(means["workers"], means[column], "o-", color=f"C{n % 10}", label=label)
     for ax, (column, ylabel) in zip(axes, panels):
         ax.set(xlabel="workers", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        readable_ticks(ax)
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # workers are whole
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {ylabel} logged", ha="center", va="center", transform=ax.transAxes)
     if axes[-1].lines:

@@ -13,12 +13,15 @@ when the best setting sits at the edge of the grid. Pure functions on metrics re
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from src.Sweeps.grid import Run
+from pathlib import Path
+
+from src.Sweeps.grid import PATH_KEYS, Run
 
 TUNED = "step_size"  # the grid key whose best value is chosen per group
 SEED = "seed"  # the grid key averaged over
@@ -80,14 +83,26 @@ def coarse_runs(curves: dict[str, list[dict[str, Any]]], x: str, budget: float |
     return found
 
 
+def hashable(value: Any) -> Any:
+    """A setting's value as a key: lists and dicts (``config``, ``worker_speeds``) as their JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
 def setting_of(run: Run, grid: dict[str, list]) -> tuple:
     """The grid values of ``run`` without its seed, as a hashable key (the same for every seed of a setting)."""
-    return tuple((k, run.grid_values.get(k)) for k in grid if k != SEED)
+    return tuple((k, hashable(run.grid_values.get(k))) for k in grid if k != SEED)
+
+
+def short_value(key: str, value: Any) -> str:
+    """A value for a label: floats to 4 digits, a path by its file name."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return Path(value).name if key in PATH_KEYS and isinstance(value, str) and value else str(value)
 
 
 def describe(setting: tuple) -> str:
     """``K=1, step_size=0.01`` for a setting key."""
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting)
+    return ", ".join(f"{k}={short_value(k, v)}" for k, v in setting)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -137,7 +152,8 @@ def best_step_sizes(runs: Sequence[Run], grid: dict[str, list], curves: dict[str
         if math.isfinite(score) and (best is None or score < best.score):
             choices[group] = Choice(group, value, score, list(members), value in edges)
     def grid_order(group: tuple) -> list[int]:
-        return [grid[k].index(v) if v in grid[k] else len(grid[k]) for k, v in group]
+        listed = {k: [hashable(v) for v in grid[k]] for k, _ in group}
+        return [listed[k].index(v) if v in listed[k] else len(listed[k]) for k, v in group]
     return [choices[g] for g in sorted(choices, key=grid_order)]
 
 

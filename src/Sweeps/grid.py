@@ -138,7 +138,8 @@ def load_spec(grid: str | None = None, fixed: str | None = None, sweep_file: str
                                  (fixed_spec, linked_keys, "the fixed settings and in 'zip'")):
         both = sorted(set(first) & set(second))
         if both:
-            raise SweepError(f"keys both in {names}: {both}")
+            raise SweepError(f"keys both in {names}: {both}" + (" (a sweep file's 'zip' is replaced whole by --zip: "
+                             "give them there)" if "zip" in names else ""))
     return Spec(grid_spec, fixed_spec, blocks, dict(spec.get("summary") or {}))
 
 
@@ -220,7 +221,7 @@ def expand(grid: Mapping[str, list] | Spec, fixed: Mapping[str, Any] | None, res
         if same:  # two grid points, one experiment: the sweep would silently run (and report) fewer runs
             raise SweepError(f"the grid's points {runs[rid].grid_values} and {grid_values} are one run ({rid}): "
                              f"{same} does not change the experiment for these settings (it says where or how a run "
-                             f"executes, or does not apply to --training_mode {H['training_mode']}). Put "
-                             f"{same[0]!r} in --fixed, or vary 'tag' with it (a linked grid)")
+                             f"executes, or does not apply to --training_mode {H['training_mode']} or --model "
+                             f"{H['model']}). Put {same[0]!r} in --fixed, or vary 'tag' with it (a linked grid)")
         runs.setdefault(rid, Run(rid, overrides, grid_values, argv, H, paths.reports))  # a repeated value: one run
     return list(runs.values())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.plots import X_AXES, check_x_axis, pyplot
+from src.plots import X_AXES, check_x_axis, pyplot, readable_ticks
 from src.reporting import read_metrics
 import src.Sweeps.analysis as analysis
 import src.Sweeps.compare as cmp
@@ -48,7 +48,7 @@ def final_records(runs: list[Run]) -> dict[str, dict[str, Any]]:
 def summary_table(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str, list]) -> str:
     """A Markdown table: run id, the grid values, status, attempts, rounds and the final metrics of each run."""
     finals = final_records(runs)
-    rows = [[run.run_id, *(run.grid_values[k] for k in grid), entries[run.run_id]["status"],
+    rows = [[run.run_id, *(run.grid_values.get(k, "-") for k in grid), entries[run.run_id]["status"],
              entries[run.run_id]["attempts"],
              f"{entries[run.run_id]['rounds_done']}/{entries[run.run_id]['rounds_total']}",
              *(finals[run.run_id].get(m) for m in TABLE_METRICS)] for run in runs]
@@ -59,7 +59,7 @@ def csv_rows(runs: list[Run], entries: dict[str, dict[str, Any]], grid: dict[str
     """One row per run: run id, every key the sweep set (grid and fixed), status, stop reason, attempts, rounds,
     then every key of its final record."""
     finals = final_records(runs)
-    return [{"run": run.run_id, **run.overrides, "status": entries[run.run_id]["status"],
+    return [{"run": run.run_id, **dict(sorted(run.overrides.items())), "status": entries[run.run_id]["status"],
              "detail": entries[run.run_id].get("detail"), "attempts": entries[run.run_id]["attempts"],
              "rounds_done": entries[run.run_id]["rounds_done"], "rounds_total": entries[run.run_id]["rounds_total"],
              **{k: v for k, v in finals[run.run_id].items() if k not in run.overrides}} for run in runs]
@@ -138,11 +138,11 @@ def sweep_figure(runs: list[Run], grid: dict[str, list], path: Path, title: str,
     shown = figure_curves(runs, grid, x)
     budget, _ = cmp.equal_budget(load_curves(runs), x)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
     for label, points in shown:
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-    if all(y > 0 for _, points in shown for _, y in points) and any(points for _, points in shown):
+    if analysis.spans_decades(y for _, points in shown for _, y in points):
         ax.set_yscale("log")
     if budget is not None and shown:
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1, label="equal budget")
@@ -152,8 +152,8 @@ def sweep_figure(runs: list[Run], grid: dict[str, list], path: Path, title: str,
     ax.set_title(f"{title}: {what}", fontsize="medium")
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    readable_ticks(ax)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = [path.with_suffix(".pdf"), path.with_suffix(".png")]
     for target in written:

@@ -327,6 +327,7 @@ class Densities:
     js0: float | None
     normalisation: str
     sigma: float
+    js_floor: float | None = None
 
 
 def spectral_densities(result: BlockSLQ, sigma: float = 0.01, grid_points: int = 1000,
@@ -352,4 +353,17 @@ def spectral_densities(result: BlockSLQ, sigma: float = 0.01, grid_points: int =
     densities = [None if x is None else smoothed_density(x.cpu(), w.cpu(), grid, sigma)
                  for x, w in zip(normalised, result.ritz_weights)]
     js = js_matrix(densities)
-    return Densities(grid, densities, scales, js, mean_pairwise(js), normalisation, sigma)
+    return Densities(grid, densities, scales, js, mean_pairwise(js), normalisation, sigma,
+                     probe_noise(normalised, result.ritz_weights, grid, sigma))
+
+
+def probe_noise(normalised: Sequence[Tensor | None], weights: Sequence[Tensor | None], grid: Tensor,
+                sigma: float) -> float | None:
+    """The JS distance between two estimates of one and the same spectrum: per block, the density from the first
+    half of its probes against the density from the second half, averaged over blocks. An estimate from P/2 probes
+    is noisier than one from P, so this bounds the estimator's noise floor from above: JS₀ below it says nothing.
+    None with fewer than two probes."""
+    floors = [js_distance(smoothed_density(x[:len(x) // 2].cpu(), w[:len(x) // 2].cpu(), grid, sigma),
+                          smoothed_density(x[len(x) // 2:].cpu(), w[len(x) // 2:].cpu(), grid, sigma))
+              for x, w in zip(normalised, weights) if x is not None and len(x) >= 2]
+    return sum(floors) / len(floors) if floors else None

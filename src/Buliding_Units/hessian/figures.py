@@ -113,7 +113,7 @@ def coupling_over_training(records: Sequence[dict[str, Any]], history: Sequence[
 def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: str = "") -> list[Path]:
     """Draw :func:`coupling_over_training`'s data against round (left) and training samples (right)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), squeeze=False, layout="constrained")
     for col, (xkey, xlabel) in enumerate((("rounds", "round"), ("samples", "training samples"))):
         ax = axes[0][col]
         xs = data[xkey]
@@ -135,7 +135,7 @@ def draw_coupling_over_training(data: dict[str, Any], path: str | Path, title: s
         ax.grid(alpha=0.3, which="both")
         readable_ticks(ax)
         _second_axis(ax, data, 0 if xkey == "rounds" else 1)
-        ax.legend(fontsize="small", loc="upper left")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=3)  # below the data
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
@@ -154,7 +154,7 @@ def _second_axis(ax: Any, data: dict[str, Any], x_index: int) -> None:
         twin.set_yscale("log")
     twin.set_ylabel("training loss, deviation")
     if drawn:
-        twin.legend(handles=drawn, fontsize="small", loc="upper right")
+        twin.legend(handles=drawn, fontsize="small", loc="upper right", bbox_to_anchor=(1.0, -0.18))
 
 
 HEATMAP_SCALES = ("linear", "log", "coupling")
@@ -284,7 +284,7 @@ def draw_js0_over_training(data: dict[str, Any], path: str | Path, title: str = 
     """Draw :func:`js0_over_training`'s data against round (left) and training samples (right, hidden when the
     records hold no samples)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), squeeze=False, layout="constrained")
     for col, (xkey, xlabel) in enumerate((("rounds", "round"), ("samples", "training samples"))):
         ax = axes[0][col]
         xs = data[xkey]
@@ -298,7 +298,7 @@ def draw_js0_over_training(data: dict[str, Any], path: str | Path, title: str = 
         ax.set_ylabel("JS$_0$: mean pairwise JS distance of block spectra")
         ax.grid(alpha=0.3)
         _second_axis(ax, data, 0 if xkey == "rounds" else 1)
-        ax.legend(fontsize="small", loc="upper left")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=3)  # below the data
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -313,8 +313,8 @@ class BlockSpectrumDensity(_HessianUnit):
       random forward pass (dropout in ``mode="train"``) is refused in ``prepare`` (``check_deterministic``).
 
     Writes ``measurements/BlockSpectrumDensity_<run id>.jsonl`` and, under
-    ``figures/Measurements/Hessian_Measurement/<run id>/``, ``block_density_round_RRRR`` (all blocks' densities,
-    log density axis) and ``block_js_heatmap_round_RRRR`` (the JS distance matrix) per measurement, named by the
+    ``figures/Measurements/Hessian_Measurement/<run id>/``, ``block_density_RRR`` (all blocks' densities,
+    log density axis) and ``block_js_heatmap_RRR`` (the JS distance matrix) per measurement, named by the
     round measured (a second measurement of the same round redraws them), and ``js0_over_training`` redrawn after
     each measurement. See docs/block_spectra.md.
     """
@@ -380,7 +380,8 @@ class BlockSpectrumDensity(_HessianUnit):
                              "densities as discrete distributions on density_grid",
             "scale": dens.scales, "density_grid": dens.grid.tolist(),
             "density": [None if d is None else d.tolist() for d in dens.densities],
-            "js_matrix": [[None if v != v else v for v in row] for row in dens.js.tolist()], "js0": dens.js0}
+            "js_matrix": [[None if v != v else v for v in row] for row in dens.js.tolist()], "js0": dens.js0,
+            "js0_floor": dens.js_floor}  # two halves of the probes of one block apart: JS0 below it is noise
         record["figures"] = self._density_figures(frame, record)
         return {**record, "wall_time": time.perf_counter() - start}
 
@@ -394,7 +395,7 @@ class BlockSpectrumDensity(_HessianUnit):
         js0 = "n/a" if record["js0"] is None else f"{record['js0']:.3f}"
         subtitle = (f"{self.curvature}, {self.probes} probes, {self.lanczos_steps} steps, sigma {self.sigma:g}, "
                     f"{record['batch_samples']} samples, {self.mode} mode, {self.dtype}, round {frame.round}")
-        stem = f"round_{frame.round:04d}{self.figure_suffix}"
+        stem = f"{frame.round:03d}{self.figure_suffix}"
         written = []
         try:
             written += hfig.draw_block_densities(
