@@ -131,8 +131,10 @@ from src.utils import deterministic_kept, set_deterministic  # noqa: E402
 import torch  # noqa: E402 - after the project's imports, which import it anyway
 
 MAX_CONTEXT = 512
+# the valid names of the keys with a table, read live from the tables (no comment on these lines: --help reads the
+# trailing comments of "key": lines as help texts)
 CHOICES = {"block_update": BLOCK_UPDATES, "block_order": BLOCK_ORDERS, "voting_method": ("average", "random"),
-           "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS, "plot_x": X_AXES}  # the tables, live
+           "model": MODELS, "dataset_name": DATASETS, "optimizer": OPTIMIZERS, "plot_x": X_AXES}
 AT_LEAST = {"K": 1, "rounds": 0, "batch_size": 0, "n_workers": 0, "eval_samples": 1, "report_sampling_rate": 0,
             "measurement_sampling_rate": 0, "early_stop_patience": 0, "communication_delay": 0, "checkpoint_every": 0,
             "max_staleness": -1, "step_time": 0, "early_stop_min_delta": 0, "link_latency": 0, "link_bandwidth": 0,
@@ -317,6 +319,18 @@ def load_note(H: dict[str, Any], n_blocks: int) -> str | None:
     return f"{why}: time measurements (wall, compute, communication) include the contention"
 
 
+def earlier_checkpoint_note(run: RunContext) -> str | None:
+    """A line (also on stderr) when an earlier attempt of this run left checkpoints that this fresh start does not use
+    (``--resume no``, the default): the attempt is kept aside, not lost, and ``--resume yes`` would continue it."""
+    found = sorted(run.paths.checkpoints(run.id).glob("round_*.pt"))
+    if not found:
+        return None
+    note = (f"Note: an earlier attempt of {run.id} left a checkpoint ({found[-1].stem}); this attempt starts over "
+            f"(--resume no, the default) and keeps the earlier one aside; --resume yes would continue from it")
+    print(f"dol1.py: {note[6:]}", file=sys.stderr, flush=True)
+    return note
+
+
 def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[Frame, RunClaim]:
     """Claim the run id, close a dead predecessor's report, find what to resume, build the frame, open the report.
 
@@ -340,6 +354,8 @@ def open_run(H: dict[str, Any], spec: EngineSpec, argv: Sequence[str]) -> tuple[
         if payload is not None:
             resuming.restore_run(frame, payload)
             notes += resuming.resume_notes(frame, payload, record)
+        if payload is None and H["resume"] == "no":
+            notes.append(earlier_checkpoint_note(run))
         n_params = sum(p.numel() for p in frame.center_model.parameters())
         if (note := load_note(H, frame.n_blocks)) is not None:
             notes.append(f"Warning: {note}")

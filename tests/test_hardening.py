@@ -43,11 +43,16 @@ def test_a_grid_over_workers_of_a_multi_worker_engine_plans_every_run(tmp_path, 
     ({"K": [1, 2]}, {"output_root": "FILE"}, ["is a file"]),
     ({"resume": ["no", "yes"]}, {}, ["'resume'", "master.py resumes"]),
     ({"K": [1, 2]}, {"measure_only": "R12345678"}, ["'measure_only'", "--measure_only"]),
+    ({"link_latency": [0, 0.0]}, {}, ["'link_latency'", "twice", "[0, 0.0]"]),
+    ({"K": [1, 2, 1]}, {}, ["'K'", "1 twice"]),
+    ({"entire_keys": None}, {"training_mode": "entire"}, ["'gamma'", "entire", "--fixed"]),
 ])
 def test_a_sweep_that_cannot_be_honoured_is_refused_before_anything_starts(tmp_path, capsys, grid, fixed, needles):
     (tmp_path / "plain_file").write_text("not a folder")
     fixed = {k: str(tmp_path / "plain_file") if v == "FILE" else v for k, v in fixed.items()}
     grid = {k: [str(tmp_path / v) for v in vs] if k == "output_root" else vs for k, vs in grid.items()}
+    if "entire_keys" in grid:  # keys of block-wise training that whole-model training does not use
+        grid = {"K": [1, 5], "gamma": [0.5, 1.0]}
     base = {k: v for k, v in tiny(tmp_path / "out").items() if k not in grid}
     with pytest.raises(SystemExit) as info:
         master.main(master_args(tmp_path, grid, base | fixed))
@@ -200,3 +205,14 @@ def test_meaningless_values_are_refused(tmp_path, capsys, argv, needles):
 def test_a_loss_target_may_be_any_number(tmp_path):
     frame = dol1.main(TINY + ["--target_monitor", "loss", "--target_value", "3.5", "--output_root", str(tmp_path)])
     assert frame.stop_kind == "target"
+
+
+def test_a_fresh_start_over_an_earlier_attempts_checkpoint_says_so_and_keeps_it(tmp_path, capsys):
+    argv = [*TINY[:-4], "--checkpoint_every", "4", "--eval_samples", "128", "--output_root", str(tmp_path),
+            *units(tmp_path, "# none")]
+    first = dol1.main(argv)
+    assert "earlier attempt" not in capsys.readouterr().err
+    dol1.main(argv)  # the same command again, --resume no (the default): it starts over
+    err = capsys.readouterr().err
+    assert f"an earlier attempt of {first.run.id} left a checkpoint" in err and "--resume yes" in err
+    assert list((tmp_path / "checkpoints").glob(f"{first.run.id}.1/round_*.pt"))  # kept aside, not lost

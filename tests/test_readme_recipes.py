@@ -5,6 +5,7 @@ import contextlib
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ import dol1
 from src.Architectures import Models
 from src.Buliding_Units import MeasurementUnit, StopperUnit
 from src.Data import datasets
-from src.Optimizer_Engines import ENGINES, EngineSpec
+from src.Optimizer_Engines import ENGINES
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINE_TABLE = ROOT / "src" / "Optimizer_Engines" / "__init__.py"
 TINY = ["--model", "mlp", "--config", "[6, 5]", "--dataset_name", "digits_flat", "--rounds", "4", "--batch_size", "16",
         "--report_sampling_rate", "2", "--cuda_core", "-1", "--measurement_sampling_rate", "2", "--checkpoint_every",
         "0", "--eval_samples", "128"]
@@ -54,8 +56,13 @@ def added_to(module, code: str, table: dict | None = None):
 def test_the_engine_recipe_is_an_engine_by_table_line_and_by_dotted_path(tmp_path, monkeypatch):
     (tmp_path / "my_engines.py").write_text(recipe("engine"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    entry = eval("{" + recipe("engine-table") + "}", {"EngineSpec": EngineSpec})
-    monkeypatch.setitem(ENGINES, "my_jacobi", entry["my_jacobi"])
+    table = ENGINE_TABLE.read_text()  # the recipe's line pasted as the table's last entry, as a user would
+    edited = table.replace("\n)}\n", "\n" + recipe("engine-table").rstrip("\n") + "\n)}\n", 1)
+    assert edited != table
+    module = types.ModuleType("edited_engine_table")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up there
+    exec(compile(edited, str(ENGINE_TABLE), "exec"), module.__dict__)
+    monkeypatch.setitem(ENGINES, "my_jacobi", module.ENGINES["my_jacobi"])
     common = TINY + units(tmp_path, "# none") + ["--K", "2", "--gamma", "0.5", "--active_share", "0.7"]
     try:
         ours = dol1.main(common + ["--training_mode", "my_jacobi", "--output_root", str(tmp_path / "a")])

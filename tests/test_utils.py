@@ -1,6 +1,7 @@
 """Command line, copies, seeds, the batch-size probe, the Reporter and the Units.txt parser."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,12 @@ def test_max_batch_size_cuda_probe_catches_out_of_memory():
     fits = _cuda_fits(model, torch.zeros(3), torch.device("cpu"), None)
     assert get_max_batch_size(model, torch.zeros(3), fits=fits, safety=1.0, high=1000) == 37
     assert all(p.grad is None for p in model.parameters())  # probes leave no gradients behind
+
+
+def test_every_help_text_of_dol1_is_the_comment_of_its_default():
+    """--help reads the trailing comment of "key": lines in dol1.py; another table's line must not overwrite one."""
+    import dol1
+    source = Path(dol1.__file__).read_text()
+    block = source[source.index("DEFAULTS: dict"):source.index("\n}\n", source.index("DEFAULTS: dict"))]
+    assert key_comments(source) == {k: v for k, v in key_comments(block).items()}
+    assert "mlp" in key_comments(source)["model"]

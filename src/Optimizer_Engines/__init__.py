@@ -2,9 +2,10 @@
 
 An engine is a plain function ``train_x(frame, progress=None) -> frame``. The table names its module as a string, so
 ``dol1.py --help`` and the settings check list every engine without importing one; the module is imported when the
-engine is chosen (:func:`resolve_engine`, the one way to look an engine up). A new engine is one line here::
+engine is chosen (:func:`resolve_engine`, the one way to look an engine up). A new engine is one more entry of the
+tuple in ``ENGINES`` below::
 
-    "my_mode": EngineSpec("my_mode", "mypackage.mymodule.train_my_mode", "What it does.", block_copies=True),
+    EngineSpec("my_mode", "mypackage.mymodule.train_my_mode", "What it does.", block_copies=True),
 
 or, without editing the table, its dotted path on the command line (``--training_mode mypackage.mymodule.train_x``);
 options for such an engine are attached with :func:`engine_options`.

@@ -188,11 +188,12 @@ def expand(grid: Mapping[str, list] | Spec, fixed: Mapping[str, Any] | None, res
             attempt continues from its checkpoint).
 
     Returns:
-        The runs in grid order (a value listed twice is one run).
+        The runs in grid order.
 
     Raises:
         SweepError: an unknown key, a key the master sets itself, a value dol1.py rejects (its message, with the
-            run's overrides), an output root that cannot be written, or two grid points that are one experiment.
+            run's overrides), an output root that cannot be written, a grid value listed twice, or two grid points
+            that are one experiment.
     """
     spec = grid if isinstance(grid, Spec) else Spec(dict(grid), dict(fixed or {}))
     grid, fixed = spec.varied, spec.fixed
@@ -203,6 +204,12 @@ def expand(grid: Mapping[str, list] | Spec, fixed: Mapping[str, Any] | None, res
             raise SweepError(f"unknown dol1.py key {key!r}.{hint} Valid: {sorted(valid_keys)}")
         if key in MASTER_KEYS:
             raise SweepError(f"{key!r} cannot be set in a sweep: {MASTER_KEYS[key]}")
+    for key, values in spec.grid.items():  # 0 and 0.0, or one value twice: one run planned where two were asked
+        repeated = [v for i, v in enumerate(values)
+                    if any(v == w and isinstance(v, bool) == isinstance(w, bool) for w in values[:i])]
+        if repeated:
+            raise SweepError(f"grid key {key!r} lists {repeated[0]!r} twice ({values!r}): a value is one run; list "
+                             f"each value once")
     runs: dict[str, Run] = {}
     for grid_values in spec.points():
         overrides = {**fixed, **grid_values}
