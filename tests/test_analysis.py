@@ -143,6 +143,24 @@ def test_targets_table_counts_the_seeds_that_reached_each_target(tmp_path):
     assert row["reached"] == "2/3" and row["samples_mean"] == 1000.5 and row["round_std"] == pytest.approx(0.7071, 1e-3)
 
 
+def test_targets_table_reads_virtual_time_where_runs_record_it_and_counts_the_others(tmp_path):
+    base = {"target": 0.9, "value": 0.95, "round": 10, "samples": 1000, "steps": 10, "train_time": 1.0,
+            "wall_time": 2.0}
+    runs = [fake_run(tmp_path, f"R{seed}", {"seed": seed, "targets": {"test_accuracy": 0.9}},
+                     [{"round": 20, "loss": 1.0, "targets_met": {"test_accuracy": {**base, **extra}}}])
+            for seed, extra in enumerate([{"virtual_time": 3.0}, {"virtual_time": 5.0}, {}])]
+    (row,) = analysis.targets_table(analysis.load_sweep(runs), ["seed"]).to_dict("records")
+    assert row["reached"] == "3/3" and row["virtual_time_mean"] == 4.0  # over the two runs that record it
+
+
+def test_an_async_simulator_target_records_its_virtual_time(tmp_path):
+    frame = dol1.main(TINY + ["--training_mode", "async_sequential", "--rounds", "6", "--targets",
+                              "{'accuracy': 0.05}", "--output_root", str(tmp_path)])
+    met = frame.history[-1]["targets_met"]["accuracy"]
+    first = next(r for r in frame.history if r["accuracy"] >= 0.05)
+    assert met["virtual_time"] == first["virtual_time"] and met["round"] == first["round"]
+
+
 def test_the_link_model_charges_latency_plus_bytes_over_bandwidth_per_message_exactly_in_the_simulator(tmp_path):
     argv = ["--training_mode", "async_sequential", "--step_time", "0.01", "--link_latency", "0.003",
             "--link_bandwidth", "1e6", "--rounds", "5", "--report_sampling_rate", "5"]

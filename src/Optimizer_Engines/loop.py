@@ -227,7 +227,8 @@ def log_progress(frame: Frame, deviation: float = 0.0) -> dict[str, Any]:
 
 
 TARGET_METRICS = ("loss", "accuracy", "test_loss", "test_accuracy")
-TARGET_AT = ("round", "samples", "steps", "train_time", "wall_time")  # what a target records of the check that met it
+TARGET_AT = ("round", "samples", "steps", "train_time", "wall_time", "virtual_time")  # what a target records of the
+# check that met it (virtual_time: the asynchronous simulator's clock, in its records only)
 
 
 def targets_met(frame: Frame, record: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def targets_met(frame: Frame, record: dict[str, Any]) -> dict[str, Any]:
         if metric in met or not isinstance(value, float) or not math.isfinite(value):
             continue
         if (value >= goal) if metric.endswith("accuracy") else (value <= goal):
-            met[metric] = {"target": goal, "value": value, **{k: record[k] for k in TARGET_AT}}
+            met[metric] = {"target": goal, "value": value, **{k: record[k] for k in TARGET_AT if k in record}}
             frame.log(f"Target {metric} {'>=' if metric.endswith('accuracy') else '<='} {goal} reached at round "
                       f"{record['round']} ({record['samples']} samples, {record['train_time']:.3g} s training)")
     return met

@@ -161,7 +161,8 @@ def final_table(frame: Any, keys: list[str], metrics: Iterable[str]) -> Any:
 
 def targets_table(frame: Any, keys: list[str]) -> Any:
     """Per setting and target: how many seeds reached it, and the mean ± std of the round, samples, steps and
-    training time at which they did (from each run's last ``targets_met``)."""
+    training time (and virtual time, in the asynchronous simulator) at which they did (from each run's last
+    ``targets_met``)."""
     import pandas as pd
     setting = [k for k in keys if k != SEED]
     last = frame.sort_values("round").groupby("run_id").tail(1)
@@ -173,8 +174,10 @@ def targets_table(frame: Any, keys: list[str]) -> Any:
             row: dict[str, Any] = {k: group.iloc[0][k] for k in setting}
             row.update(target=f"{metric} {'>=' if metric.endswith('accuracy') else '<='} {goal}",
                        reached=f"{len(reached)}/{len(group)}")
-            for at in ("round", "samples", "steps", "train_time"):
-                values = [m[at] for m in reached]
+            for at in ("round", "samples", "steps", "train_time", "virtual_time"):
+                values = [m[at] for m in reached if at in m]
+                if at == "virtual_time" and not values:
+                    continue  # the asynchronous simulator's clock: only its runs record it
                 row[f"{at}_mean"] = sum(values) / len(values) if values else None
                 row[f"{at}_std"] = pd.Series(values).std() if len(values) > 1 else None
             rows.append(row)
@@ -183,8 +186,8 @@ def targets_table(frame: Any, keys: list[str]) -> Any:
 
 def _met(row: Any, metric: str) -> dict[str, Any] | None:
     found = {key.split(".")[2]: row[key] for key in row.index if key.startswith(f"targets_met.{metric}.")}
-    return found if found and all(v is not None and not (isinstance(v, float) and math.isnan(v))
-                                  for v in found.values()) else None
+    found = {k: v for k, v in found.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    return found if "round" in found else None  # a field only some runs record (virtual_time) is NaN in the rest
 
 
 def spans_decades(values: Iterable[float]) -> bool:
@@ -211,7 +214,9 @@ def draw_curves(frame: Any, y: str, x: str, keys: list[str], path: Path, title: 
     ax.set_ylabel(y)
     ax.grid(alpha=0.3, which="both")
     readable_ticks(ax)
-    if drawn:
+    if drawn and max(map(len, drawn)) > 40:  # long labels beside the axes would squeeze them: below
+        fig.legend(fontsize="small", loc="outside lower center")
+    elif drawn:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.set_title(title or f"{y} against {X_AXES.get(x, x)}: mean ± std over seeds", fontsize="medium")
     return save_figure(fig, path)
