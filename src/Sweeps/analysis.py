@@ -156,7 +156,15 @@ def final_table(frame: Any, keys: list[str], metrics: Iterable[str]) -> Any:
                 row[f"{metric}_mean"] = sum(values) / len(values) if values else None
                 row[f"{metric}_std"] = pd.Series(values).std() if len(values) > 1 else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(sorted(rows, key=lambda r: setting_order(r, setting)))
+
+
+def setting_order(row: dict[str, Any], keys: list[str]) -> tuple:
+    """A sort key for table rows: the settings' values, numbers by value, anything else by its text."""
+    def value(v: Any) -> tuple:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+        return (0, float(v), "") if number else (1, 0.0, str(v))
+    return tuple(value(row.get(k)) for k in keys)
 
 
 def targets_table(frame: Any, keys: list[str]) -> Any:
@@ -181,7 +189,7 @@ def targets_table(frame: Any, keys: list[str]) -> Any:
                 row[f"{at}_mean"] = sum(values) / len(values) if values else None
                 row[f"{at}_std"] = pd.Series(values).std() if len(values) > 1 else None
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(sorted(rows, key=lambda r: setting_order(r, setting)))  # stable: targets keep their order
 
 
 def _met(row: Any, metric: str) -> dict[str, Any] | None:
@@ -268,7 +276,9 @@ def draw_resources(frame: Any, keys: list[str], path: Path, title: str = "") -> 
         means = group.groupby("workers").mean(numeric_only=True).reset_index()
         for ax, (column, _) in zip(axes, panels):
             if column in means and means[column].notna().any():  # a column of None only is dropped by mean
-                ax.plot(means["workers"], means[column], "o-", color=f"C{n % 10}", label=label)
+                # settings often coincide (memory does not depend on the link): shrinking markers keep each visible
+                ax.plot(means["workers"], means[column], "-", marker="osD^v"[n % 5], ms=max(9 - 1.5 * n, 3),
+                        lw=max(2.5 - 0.4 * n, 1), color=f"C{n % 10}", label=label)
     for ax, (column, ylabel) in zip(axes, panels):
         ax.set(xlabel="workers", ylabel=ylabel)
         ax.grid(alpha=0.3)
