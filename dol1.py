@@ -44,10 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,  # seeds the initial weights, the batch order and the active-block draws
     # --- optimisation ---
     "optimizer": "adam",  # adam | sgd (with momentum)
-    "step_size": 0.01,  # learning rate
+    "step_size": 0.005,  # learning rate
     "momentum": 0.9,  # sgd only
     "batch_size": 128,  # samples per mini-batch (per local step in block-wise modes); 0 = the largest that fits
-    "rounds": 120,  # rounds to train (entire: one step per round; block-wise: K local steps per active block)
+    "rounds": 200,  # rounds to train (entire: one step per round; block-wise: K local steps per active block)
     "K": 1,  # local steps per block per round (block-wise modes)
     "block_update": "jacobi",  # jacobi (all blocks from the round's centre) | gauss_seidel (from the latest centre)
     "block_order": "cyclic",  # which blocks, in which order: cyclic | reverse (BAdam's turns, up or down) | random

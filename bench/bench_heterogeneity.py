@@ -44,7 +44,7 @@ MODELS = {  # name -> the settings of its runs
     "gpt": {"model": "gpt", "config": [32, 32], "dataset_name": "python_docs", "context": 32},
 }
 SGD_STEPS, ADAM_STEPS = [0.01, 0.03, 0.1], [0.0003, 0.001, 0.003]
-UNITS = "- BlockSpectrumDensity probes={probes} lanczos_steps={steps} batch_size=128 dtype=float64\n"
+UNITS = "- BlockSpectrumDensity probes={probes} lanczos_steps={steps} batch_size={batch} dtype={dtype}\n"
 
 
 def run(out: Path, units: Path, rounds: int, seed: int, optimizer: str, step: float, settings: dict,
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--probes", type=int, default=8)
     parser.add_argument("--lanczos_steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=128, help="samples (sequences for gpt) per density measurement")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                        help="of the density measurement (float32: ~3x faster convolutions on CPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="one seed, one step size per optimiser, few rounds")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_heterogeneity"))
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     units = out / "units.txt"
     units.write_text(UNITS.format(probes=args.probes if not args.quick else 2,
-                                  steps=args.lanczos_steps if not args.quick else 5))
+                                  steps=args.lanczos_steps if not args.quick else 5, batch=args.batch, dtype=args.dtype))
     empty = out / "none.txt"
     empty.write_text("# none\n")
     started, rows = time.perf_counter(), []
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                      "adam_loss": [r["loss"] for r in results[("adam", best["adam"])]], "gap": gaps})
     stamp = (f"{datetime.date.today()}, {platform.node()} ({platform.machine()}, {torch.get_num_threads()} torch "
              f"threads), torch {torch.__version__}, {len(seeds)} seed(s), {rounds} whole-model steps of 64 samples "
-             f"per run, {time.perf_counter() - started:.0f} s")
+             f"per run, density: {args.probes} probes x {args.lanczos_steps} Lanczos steps on {args.batch} samples in "
+             f"{args.dtype}, {time.perf_counter() - started:.0f} s")
     header = ("| model | JS₀ at init | JS₀ after training (Adam) | best SGD step | best Adam step | SGD final loss "
               "| Adam final loss | gap SGD − Adam |")
     lines = [header, "|" + "---|" * 8]
