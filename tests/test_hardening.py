@@ -84,7 +84,7 @@ def test_a_schedule_that_makes_the_learning_rate_negative_is_refused_naming_the_
     with pytest.raises(SystemExit) as info:
         dol1.main(argv + ["--output_root", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "Units.txt:2" in err and "round 5" in err and "-0.01" in err, err
+    assert info.value.code == 2 and "Units.txt:2" in err and "round 5" in err and "-0.005" in err, err
     assert not (tmp_path / "out" / "reports").exists()
 
 

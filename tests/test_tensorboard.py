@@ -43,7 +43,7 @@ def logged_run(tmp_path_factory):
     units.write_text(UNITS)
     frame = dol1.main(SMALL + ["--training_mode", "blockwise_sequential", "--rounds", "6", "--report_sampling_rate",
                                "2", "--measurement_sampling_rate", "3", "--units_file", str(units),
-                               "--output_root", str(root), "--tensorboard", "true"])
+                               "--output_root", str(root), "--tensorboard", "true", "--step_size", "0.01"])
     (folder,) = (root / "tensorboard").iterdir()
     return frame, folder, events(folder)
 
