@@ -159,10 +159,12 @@ def test_runs_from_another_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_090_offline(tmp_path):
+def test_default_run_reaches_098_offline_and_its_loss_never_rises_above_its_start(tmp_path):
     """The README's first command: no flags (but a private output folder), block-wise on digits."""
     frame = dol1.main(["--output_root", str(tmp_path)])
     assert frame.H["training_mode"] == "blockwise_sequential" and frame.H["dataset_name"] == "digits"
-    assert frame.history[-1]["test_accuracy"] >= 0.90
+    assert frame.history[-1]["test_accuracy"] >= 0.98  # the default step size and rounds were chosen for this
+    start = frame.history[0]["loss"]
+    assert all(r["loss"] <= start for r in frame.history), "the default curve rises above its start"
     assert read_report(only_report(tmp_path))["status"] == "finished"
     assert list((tmp_path / "measurements").glob(f"*_{frame.run_id}.jsonl"))
