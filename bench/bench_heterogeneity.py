@@ -58,8 +58,9 @@ def run(out: Path, units: Path, rounds: int, seed: int, optimizer: str, step: fl
     result = {"loss": frame.history[-1]["loss"], "test_loss": frame.history[-1]["test_loss"]}
     if measure:
         log = frame.paths.measurements / f"BlockSpectrumDensity_{frame.run_id}.jsonl"
-        js = {r["round"]: r["js0"] for r in map(json.loads, log.read_text().splitlines())}
-        result.update(js0_init=js[0], js0_trained=js[rounds])
+        records = {r["round"]: r for r in map(json.loads, log.read_text().splitlines())}
+        result.update(js0_init=records[0]["js0"], js0_trained=records[rounds]["js0"],
+                      floor_init=records[0].get("js0_floor"), floor_trained=records[rounds].get("js0_floor"))
     return result
 
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         measured = results[("adam", adam[len(adam) // 2])]
         gaps = [a["loss"] - b["loss"] for a, b in zip(results[("sgd", best["sgd"])], results[("adam", best["adam"])])]
         rows.append({"model": name, "js0_init": [r["js0_init"] for r in measured],
+                     "floor_init": [r["floor_init"] for r in measured],
                      "js0_trained": [r["js0_trained"] for r in measured], "sgd_step": best["sgd"],
                      "adam_step": best["adam"], "sgd_loss": [r["loss"] for r in results[("sgd", best["sgd"])]],
                      "adam_loss": [r["loss"] for r in results[("adam", best["adam"])]], "gap": gaps})
@@ -117,11 +119,12 @@ def main(argv: list[str] | None = None) -> None:
              f"threads), torch {torch.__version__}, {len(seeds)} seed(s), {rounds} whole-model steps of 64 samples "
              f"per run, density: {args.probes} probes x {args.lanczos_steps} Lanczos steps on {args.batch} samples in "
              f"{args.dtype}, {time.perf_counter() - started:.0f} s")
-    header = ("| model | JS₀ at init | JS₀ after training (Adam) | best SGD step | best Adam step | SGD final loss "
-              "| Adam final loss | gap SGD − Adam |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| model | JS₀ at init | its noise floor | JS₀ after training (Adam) | best SGD step | best Adam step "
+              "| SGD final loss | Adam final loss | gap SGD − Adam |")
+    lines = [header, "|" + "---|" * 9]
     for row in rows:
-        lines.append(f"| {row['model']} | {mean_std(row['js0_init'])} | {mean_std(row['js0_trained'])} | "
+        lines.append(f"| {row['model']} | {mean_std(row['js0_init'])} | {mean_std(row['floor_init'])} | "
+                     f"{mean_std(row['js0_trained'])} | "
                      f"{row['sgd_step']:g} | {row['adam_step']:g} | {mean_std(row['sgd_loss'])} | "
                      f"{mean_std(row['adam_loss'])} | {mean_std(row['gap'])} |")
     table = "\n".join(lines)
