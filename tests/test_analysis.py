@@ -115,8 +115,9 @@ def test_train_time_leaves_out_measurement_time_and_wall_time_keeps_it(tmp_path)
 
 
 def test_targets_record_the_first_check_that_reached_them(tmp_path):
-    frame = dol1.main(TINY + ["--rounds", "30", "--targets", "{'test_accuracy': 0.5, 'loss': 0.1, 'accuracy': 0.2}",
-                              "--output_root", str(tmp_path)])
+    frame = dol1.main(TINY + units(tmp_path, "# none\n") + ["--rounds", "30", "--step_size", "0.01", "--targets",
+                                                             "{'test_accuracy': 0.5, 'loss': 0.1, 'accuracy': 0.2}",
+                                                             "--output_root", str(tmp_path)])
     met = frame.history[-1]["targets_met"]
     first = next(r for r in frame.history if r["test_accuracy"] >= 0.5)
     assert met["test_accuracy"]["round"] == first["round"] and met["test_accuracy"]["samples"] == first["samples"]
