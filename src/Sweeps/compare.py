@@ -17,9 +17,8 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
 from pathlib import Path
+from typing import Any, Sequence
 
 from src.Sweeps.grid import PATH_KEYS, Run
 
